@@ -1,0 +1,1 @@
+"""RIFLE for the Hugging Face training stack."""
