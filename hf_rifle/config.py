@@ -1,0 +1,86 @@
+"""`RifleConfig`: RIFLE's settings as a `TrainingArguments` subclass.
+
+As with TRL's `SFTConfig`, every field carries its help text, so `HfArgumentParser` reads it from flags
+(`--num_periods 3`), JSON or YAML, and `--help` documents it.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import SchedulerType, TrainingArguments
+
+HEAD_LR_SCHEDULES = ("cyclic_cosine", "trainer")
+HEAD_INITS = ("default", "normal")
+REGULARIZERS = ("l2", "l2sp")
+
+
+@dataclass
+class RifleConfig(TrainingArguments):
+    """Training arguments for `RifleTrainer`. Defaults give the paper's full method: K=3 periods, head
+    re-initialized at each period start, cyclic cosine head learning rate, cosine schedule for the backbone.
+
+    Ablations: RIFLE-A = `head_lr_schedule="trainer"`; RIFLE-B = `reinit_head=False`.
+    """
+
+    lr_scheduler_type: SchedulerType | str = field(
+        default="cosine",
+        metadata={"help": "Backbone learning-rate schedule over the whole run (the paper: cosine)."},
+    )
+    num_periods: int = field(
+        default=3,
+        metadata={"help": "K: the run is split into K equal periods; the head is re-initialized at the start of periods 2..K."},
+    )
+    reinit_head: bool = field(
+        default=True,
+        metadata={"help": "Re-initialize the classification head at each period start (False = RIFLE-B)."},
+    )
+    head_lr_schedule: Literal["cyclic_cosine", "trainer"] = field(
+        default="cyclic_cosine",
+        metadata={
+            "help": "'cyclic_cosine': the head's LR is 0.5*lr*(1+cos(pi*tau/P)), restarting every period; "
+            "'trainer': the head follows the Trainer's schedule like the backbone (RIFLE-A)."
+        },
+    )
+    head_init: Literal["default", "normal"] = field(
+        default="default",
+        metadata={
+            "help": "'default': the head modules' own reset_parameters() (the authors' code); "
+            "'normal': N(0, head_init_std^2) weights and zero bias (Algorithm 1)."
+        },
+    )
+    head_init_std: float = field(default=0.01, metadata={"help": "Standard deviation for head_init='normal'."})
+    reset_head_optimizer_state: bool = field(
+        default=True,
+        metadata={"help": "Clear the head's optimizer state (momentum, Adam moments, step) at each re-init."},
+    )
+    head_module: str | None = field(
+        default=None,
+        metadata={"help": "Dotted name of the classification head (e.g. 'fc', 'classifier.1'); None = detect."},
+    )
+    regularizer: Literal["l2", "l2sp"] = field(
+        default="l2",
+        metadata={
+            "help": "'l2': plain weight decay (set weight_decay); 'l2sp': add l2sp_alpha/2*||w-w_pretrained||^2 on "
+            "the backbone and l2sp_beta/2*||w_head||^2 on the head to the loss."
+        },
+    )
+    l2sp_alpha: float = field(default=0.01, metadata={"help": "L2-SP strength on the backbone's drift from its pretrained weights."})
+    l2sp_beta: float = field(default=0.01, metadata={"help": "L2-SP strength (plain L2) on the new head."})
+
+    def __post_init__(self):
+        _check_choice("head_lr_schedule", self.head_lr_schedule, HEAD_LR_SCHEDULES)
+        _check_choice("head_init", self.head_init, HEAD_INITS)
+        _check_choice("regularizer", self.regularizer, REGULARIZERS)
+        if self.num_periods < 1:
+            raise ValueError(f"num_periods must be >= 1, got {self.num_periods}: use 1 for a single period (no re-init).")
+        for name in ("l2sp_alpha", "l2sp_beta", "head_init_std"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+        super().__post_init__()
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name}={value!r}: choose one of {', '.join(map(repr, choices))}.")

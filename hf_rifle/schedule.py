@@ -1,0 +1,69 @@
+"""Period arithmetic and the head's cyclic learning-rate curve (pure functions).
+
+RIFLE splits the T optimizer steps of a run into K equal periods. The head is re-initialized when a period
+begins and its learning rate follows a cosine that restarts every period; everything here is a function of
+the optimizer step, so a resumed run recomputes the same schedule from `global_step` alone.
+"""
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass
+
+
+def period_starts(max_steps: int, num_periods: int) -> list[int]:
+    """Optimizer step at which each period begins: floor(k * T / K) for k = 0..K-1.
+
+    When the run is epoch-based and K divides the epoch count these are epoch starts, as in the authors'
+    code. K <= T guarantees distinct starts and at least one optimizer step after the last re-init, so a
+    run never ends on a freshly drawn head.
+    """
+    if num_periods < 1:
+        raise ValueError(f"num_periods must be >= 1, got {num_periods}: use 1 to turn RIFLE's periods off.")
+    if max_steps < num_periods:
+        raise ValueError(
+            f"num_periods={num_periods} is more than the run's {max_steps} optimizer steps: every period needs "
+            "at least one step. Lower num_periods or train for more steps."
+        )
+    return [k * max_steps // num_periods for k in range(num_periods)]
+
+
+def reinit_steps(max_steps: int, num_periods: int) -> list[int]:
+    """Steps at which the head is re-initialized: the starts of periods 2..K (never step 0)."""
+    return period_starts(max_steps, num_periods)[1:]
+
+
+def position_in_period(step: int, max_steps: int, num_periods: int) -> tuple[int, int, int]:
+    """(period index k from 0, steps tau since that period began, its length P) for optimizer step `step`.
+
+    Steps at or past `max_steps` (the scheduler is stepped once after the last update) count as the end of
+    the last period.
+    """
+    bounds = period_starts(max_steps, num_periods) + [max_steps]
+    period = min(max(bisect_right(bounds, step) - 1, 0), num_periods - 1)
+    length = bounds[period + 1] - bounds[period]
+    return period, min(step - bounds[period], length), length
+
+
+def cyclic_cosine_factor(step: int, max_steps: int, num_periods: int) -> float:
+    """Head learning-rate multiplier 0.5 * (1 + cos(pi * tau / P)).
+
+    Algorithm 1 of the paper prints cos(2*pi*tau/P), which would climb back to eta_max by the end of each
+    period; the authors' code uses pi, so every period anneals the fresh head to ~0 before the next
+    re-init. We follow the code.
+    """
+    _, tau, length = position_in_period(step, max_steps, num_periods)
+    return 0.5 * (1.0 + math.cos(math.pi * tau / length))
+
+
+@dataclass
+class CyclicCosineSchedule:
+    """`LambdaLR` multiplier for the head's param groups.
+
+    A dataclass rather than a closure so `LambdaLR.state_dict()` saves its fields into checkpoints.
+    """
+
+    max_steps: int
+    num_periods: int
+
+    def __call__(self, step: int) -> float:
+        return cyclic_cosine_factor(step, self.max_steps, self.num_periods)

@@ -1,0 +1,104 @@
+"""`RifleTrainer`: the full RIFLE method as a `transformers.Trainer` subclass.
+
+It overrides four documented hooks and nothing else: `create_optimizer` (the head gets param groups of its
+own), `create_scheduler` (those groups get the cyclic cosine), `compute_loss` (adds L2-SP) and `log`
+(reports the L2-SP term). Re-initialization is `RifleTrainerCallback`, installed from the config.
+"""
+
+import torch
+from transformers import Trainer
+
+from .callback import RifleTrainerCallback
+from .config import RifleConfig
+from .heads import find_head
+from .optim import attach_cyclic_head_schedule_, isolate_head_param_groups_
+from .regularizers import l2sp_penalty, snapshot, split_backbone_and_head
+
+
+class RifleTrainer(Trainer):
+    """`Trainer` with RIFLE: periodic head re-initialization, a cyclic head learning rate, L2 or L2-SP.
+
+    Ablations by config: RIFLE-A = `head_lr_schedule="trainer"`, RIFLE-B = `reinit_head=False`.
+
+    The L2-SP reference w_s is the backbone as passed in, so a run resumed with `resume_from_checkpoint`
+    (built from the same pretrained model) keeps pulling towards the pretrained weights, not the checkpoint's.
+    """
+
+    def __init__(self, model=None, args: RifleConfig | None = None, **kwargs):
+        if not isinstance(args, RifleConfig):
+            raise TypeError(f"RifleTrainer needs args=RifleConfig(...), got {type(args).__name__}.")
+        if model is None:
+            raise ValueError("RifleTrainer needs a model: its head and pretrained backbone are read at construction.")
+        super().__init__(model=model, args=args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "RifleTrainer supports single-device and DDP (data-parallel) training. FSDP and DeepSpeed shard the "
+                "head across ranks, which in-place re-initialization and L2-SP do not handle: launch with DDP."
+            )
+        # Image classifiers return a per-batch mean loss and ignore `num_items_in_batch`; the Trainer must
+        # divide by the accumulation steps itself, or batch 4 x GA 2 gets twice the gradient of batch 8.
+        self.model_accepts_loss_kwargs = False
+
+        _, head = find_head(self.model, args.head_module)
+        backbone_params, self._head_params = split_backbone_and_head(self.model, head)
+        self._l2sp = None
+        if args.regularizer == "l2sp":
+            self._l2sp = (backbone_params, snapshot(backbone_params), self._head_params)
+        self._l2sp_total = torch.zeros((), device=self.args.device)
+        self._l2sp_count = 0
+
+        if args.reinit_head:
+            if any(isinstance(cb, RifleTrainerCallback) for cb in self.callback_handler.callbacks):
+                raise ValueError(
+                    "RifleTrainer installs RifleTrainerCallback from its RifleConfig; remove the one passed in callbacks."
+                )
+            self.add_callback(
+                RifleTrainerCallback(
+                    num_periods=args.num_periods,
+                    head_module=args.head_module,
+                    head_init=args.head_init,
+                    head_init_std=args.head_init_std,
+                    reset_optimizer_state=args.reset_head_optimizer_state,
+                )
+            )
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            super().create_optimizer(model)
+            isolate_head_param_groups_(self.optimizer, self._head_params)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+            if self.args.head_lr_schedule == "cyclic_cosine":
+                attach_cyclic_head_schedule_(scheduler, num_training_steps, self.args.num_periods)
+        return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self._l2sp is None or not model.training:
+            return result
+        backbone, reference, head = self._l2sp
+        penalty = l2sp_penalty(backbone, reference, head, self.args.l2sp_alpha, self.args.l2sp_beta)
+        if self._loss_is_scaled_for_ga():
+            # The Trainer will not divide this micro-batch's loss, so share the penalty among micro-batches.
+            penalty = penalty / self.current_gradient_accumulation_steps
+        self._l2sp_total += penalty.detach()
+        self._l2sp_count += 1
+        if return_outputs:
+            loss, outputs = result
+            return loss + penalty, outputs
+        return result + penalty
+
+    def _loss_is_scaled_for_ga(self) -> bool:
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return self.compute_loss_func is not None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._l2sp_count and "loss" in logs:
+            logs["l2sp_loss"] = (self._l2sp_total / self._l2sp_count).item()
+            self._l2sp_total.zero_()
+            self._l2sp_count = 0
+        super().log(logs, start_time)

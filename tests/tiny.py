@@ -1,0 +1,33 @@
+"""Tiny real models and data, built offline, shared by the tests."""
+
+import torch
+from transformers import ResNetConfig, ResNetForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+
+NUM_LABELS = 4
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """Fixed random 3x32x32 images with labels, as dicts the Trainer's default collator stacks."""
+
+    def __init__(self, size: int = 16, seed: int = 0, num_labels: int = NUM_LABELS):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(size, 3, 32, 32, generator=generator)
+        self.labels = torch.randint(0, num_labels, (size,), generator=generator)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+def timm_wrapper_resnet(architecture: str = "test_resnet") -> TimmWrapperForImageClassification:
+    torch.manual_seed(0)
+    return TimmWrapperForImageClassification(TimmWrapperConfig(architecture=architecture, num_labels=NUM_LABELS))
+
+
+def native_resnet() -> ResNetForImageClassification:
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
+    return ResNetForImageClassification(config)
+
