@@ -18,7 +18,8 @@ REGULARIZERS = ("l2", "l2sp")
 @dataclass
 class RifleConfig(TrainingArguments):
     """Training arguments for `RifleTrainer`. Defaults give the paper's full method: K=3 periods, head
-    re-initialized at each period start, cyclic cosine head learning rate, cosine schedule for the backbone.
+    re-initialized at each period start, cyclic cosine head learning rate, cosine schedule for the backbone,
+    no gradient clipping.
 
     Ablations: RIFLE-A = `head_lr_schedule="trainer"`; RIFLE-B = `reinit_head=False`.
     """
@@ -26,6 +27,13 @@ class RifleConfig(TrainingArguments):
     lr_scheduler_type: SchedulerType | str = field(
         default="cosine",
         metadata={"help": "Backbone learning-rate schedule over the whole run (the paper: cosine)."},
+    )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gradient clipping norm; 0 = off, as in the paper. Clipping would damp the large gradients a "
+            "re-drawn head sends into the backbone, which is how RIFLE works."
+        },
     )
     num_periods: int = field(
         default=3,
@@ -67,6 +75,14 @@ class RifleConfig(TrainingArguments):
     )
     l2sp_alpha: float = field(default=0.01, metadata={"help": "L2-SP strength on the backbone's drift from its pretrained weights."})
     l2sp_beta: float = field(default=0.01, metadata={"help": "L2-SP strength (plain L2) on the new head."})
+
+    @property
+    def method(self) -> str:
+        """The paper's name for this configuration."""
+        cyclic = self.head_lr_schedule == "cyclic_cosine"
+        if self.reinit_head:
+            return "RIFLE" if cyclic else "RIFLE-A"
+        return "RIFLE-B" if cyclic else "fine-tuning"
 
     def __post_init__(self):
         _check_choice("head_lr_schedule", self.head_lr_schedule, HEAD_LR_SCHEDULES)

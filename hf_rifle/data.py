@@ -81,7 +81,10 @@ class DataArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Allow a Hub dataset's loading script to run (only honoured by datasets < 4)."},
+        metadata={
+            "help": "Allow custom code from the Hub to run: the model's, and a dataset's loading script (datasets < 4 "
+            "only). Off unless you pass it."
+        },
     )
     resize_size: int = field(
         default=256, metadata={"help": "Images are resized so their shorter side has this many pixels."}

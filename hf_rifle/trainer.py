@@ -1,18 +1,24 @@
 """`RifleTrainer`: the full RIFLE method as a `transformers.Trainer` subclass.
 
-It overrides four documented hooks and nothing else: `create_optimizer` (the head gets param groups of its
-own), `create_scheduler` (those groups get the cyclic cosine), `compute_loss` (adds L2-SP) and `log`
-(reports the L2-SP term). Re-initialization is `RifleTrainerCallback`, installed from the config.
+It overrides documented hooks and nothing else: `create_optimizer` (the head gets param groups of its own),
+`create_scheduler` (those groups get the cyclic cosine), `compute_loss` (adds L2-SP), `log` (reports the
+L2-SP term) and `create_model_card` (a card that records the method, with a learning-curve plot).
+Re-initialization is `RifleTrainerCallback`, installed from the config.
 """
+
+import os
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 
 from .callback import RifleTrainerCallback
+from .card import PLOT_FILE, plot_learning_curve, render_model_card
 from .config import RifleConfig
 from .heads import find_head
 from .optim import attach_cyclic_head_schedule_, isolate_head_param_groups_
 from .regularizers import l2sp_penalty, snapshot, split_backbone_and_head
+from .schedule import reinit_steps
 
 
 class RifleTrainer(Trainer):
@@ -102,3 +108,31 @@ class RifleTrainer(Trainer):
             self._l2sp_total.zero_()
             self._l2sp_count = 0
         super().log(logs, start_time)
+
+    def reinit_steps(self) -> list[int]:
+        """Optimizer steps at which this run re-initializes (or re-initialized) the head."""
+        return reinit_steps(self.state.max_steps, self.args.num_periods) if self.args.reinit_head else []
+
+    def create_model_card(self, model_name=None, finetuned_from=None, dataset=None, dataset_args=None, **kwargs) -> None:
+        """Write README.md (the model card) and the learning-curve plot into `output_dir`.
+
+        `push_to_hub` calls this before uploading `output_dir`, so the card travels with the model.
+        """
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        plot_learning_curve(self.state.log_history, self.reinit_steps(), output_dir / PLOT_FILE)
+        config = self.model.config
+        card = render_model_card(
+            self.args,
+            self.state.log_history,
+            self.state.max_steps,
+            self.reinit_steps(),
+            repo_id=self.hub_model_id or self.args.hub_model_id or model_name or output_dir.name,
+            base_model=finetuned_from or getattr(config, "_name_or_path", None),
+            dataset=dataset[0] if isinstance(dataset, list) else dataset,
+            dataset_config=dataset_args[0] if isinstance(dataset_args, list) else dataset_args,
+            timm_architecture=getattr(config, "architecture", None),
+        )
+        card.save(os.path.join(output_dir, "README.md"))

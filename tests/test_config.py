@@ -30,7 +30,7 @@ def test_defaults_are_the_papers_full_method(tmp_path):
     assert (config.num_periods, config.reinit_head, config.head_lr_schedule) == (3, True, "cyclic_cosine")
     assert (config.head_init, config.head_init_std, config.regularizer) == ("default", 0.01, "l2")
     assert (config.l2sp_alpha, config.l2sp_beta, config.reset_head_optimizer_state) == (0.01, 0.01, True)
-    assert config.lr_scheduler_type == "cosine"
+    assert config.lr_scheduler_type == "cosine" and config.max_grad_norm == 0.0
 
 
 def test_parser_reads_flags(tmp_path):

@@ -23,22 +23,9 @@ from hf_rifle.data import (
     load_splits,
 )
 
+from .tiny import CLASSES, FOLDER_SIZES, write_image_folders
+
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-FOLDER_SIZES = {"train": 6, "validation": 2, "test": 3}  # images per class
-CLASSES = ("cat", "dog")
-
-
-def write_image_folders(root: Path, sizes=FOLDER_SIZES) -> dict[str, Path]:
-    rng = np.random.default_rng(0)
-    folders = {}
-    for split, per_class in sizes.items():
-        for name in CLASSES:
-            (root / split / name).mkdir(parents=True)
-            for index in range(per_class):
-                pixels = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
-                PIL.Image.fromarray(pixels).save(root / split / name / f"{index}.png")
-        folders[split] = root / split
-    return folders
 
 
 @pytest.fixture

@@ -1,5 +1,9 @@
 """Tiny real models and data, built offline, shared by the tests."""
 
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
@@ -31,3 +35,20 @@ def native_resnet() -> ResNetForImageClassification:
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
     return ResNetForImageClassification(config)
 
+
+FOLDER_SIZES = {"train": 6, "validation": 2, "test": 3}  # images per class
+CLASSES = ("cat", "dog")
+
+
+def write_image_folders(root: Path, sizes=FOLDER_SIZES) -> dict[str, Path]:
+    """An `imagefolder` layout: <root>/<split>/<class>/<n>.png with random pixels."""
+    rng = np.random.default_rng(0)
+    folders = {}
+    for split, per_class in sizes.items():
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for index in range(per_class):
+                pixels = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+                PIL.Image.fromarray(pixels).save(root / split / name / f"{index}.png")
+        folders[split] = root / split
+    return folders

@@ -1,0 +1,153 @@
+"""What a RIFLE run reports: final metrics, a learning-curve plot and a model card, all read off the
+Trainer's `log_history`, so a card can be written for any finished `RifleTrainer` run."""
+
+from importlib.resources import files
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .config import RifleConfig
+
+CARD_TEMPLATE = files("hf_rifle.model_cards") / "rifle_image_classifier.md"
+PLOT_FILE = "learning_curve.png"
+SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, dict[str, float]]:
+    """The last logged `<prefix>_accuracy` / `<prefix>_top5_accuracy` of each split, keyed by split name."""
+    results = {}
+    for split, prefix in SPLIT_PREFIXES.items():
+        logged = [entry for entry in log_history if f"{prefix}_accuracy" in entry]
+        if logged:
+            last = logged[-1]
+            results[split] = {
+                metric: last[f"{prefix}_{metric}"] for metric in ("accuracy", "top5_accuracy") if f"{prefix}_{metric}" in last
+            }
+    return results
+
+
+def plot_learning_curve(log_history: list[dict], reinit_steps: list[int], path) -> Path:
+    """Training loss and validation accuracy against the optimizer step, a dashed line at each re-init."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    accuracies = [(entry["step"], entry["eval_accuracy"]) for entry in log_history if "eval_accuracy" in entry]
+    figure, loss_axis = plt.subplots(figsize=(7, 4))
+    if losses:
+        loss_axis.plot(*zip(*losses), color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    accuracy_axis = loss_axis.twinx()
+    if accuracies:
+        accuracy_axis.plot(*zip(*accuracies), "o-", color="tab:green", label="validation accuracy")
+    accuracy_axis.set_ylabel("validation top-1 accuracy", color="tab:green")
+    for i, step in enumerate(reinit_steps):
+        loss_axis.axvline(step, color="tab:red", linestyle="--", linewidth=1, label="head re-initialized" if i == 0 else None)
+    handles = [h for axis in (loss_axis, accuracy_axis) for h in axis.get_legend_handles_labels()[0]]
+    if handles:
+        loss_axis.legend(handles=handles, loc="center right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def render_model_card(
+    args: RifleConfig,
+    log_history: list[dict],
+    max_steps: int,
+    reinit_steps: list[int],
+    *,
+    repo_id: str,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    timm_architecture: str | None = None,
+    plot_file: str | None = PLOT_FILE,
+) -> ModelCard:
+    """A model card with `model-index` metadata that `huggingface_hub.ModelCard` parses back."""
+    metrics = final_metrics(log_history)
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=_hub_id(dataset) or "local",
+            dataset_name=Path(dataset).name,
+            dataset_config=dataset_config,
+            dataset_split=split,
+            metric_type="accuracy",
+            metric_name="top-1 accuracy",
+            metric_value=values["accuracy"],
+        )
+        for split, values in metrics.items()
+        if dataset
+    ]
+    card_data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        base_model=_hub_id(base_model),
+        datasets=[dataset] if _hub_id(dataset) else None,
+        eval_results=eval_results or None,
+        library_name="timm" if timm_architecture else "transformers",
+        pipeline_tag="image-classification",
+        tags=["image-classification", "rifle", args.method.lower(), args.regularizer, "hf_rifle"],
+        metrics=["accuracy"],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        model_name=repo_id.split("/")[-1],
+        method=args.method,
+        regularizer_name="L2-SP" if args.regularizer == "l2sp" else "L2",
+        base_model_link=_link(base_model, "models") or "A pretrained image classifier",
+        dataset_link=_link(dataset, "datasets") or "an image classification dataset",
+        results=[
+            {"split": split, "top1": _percent(values.get("accuracy")), "top5": _percent(values.get("top5_accuracy"))}
+            for split, values in metrics.items()
+        ],
+        plot_file=plot_file,
+        settings=run_settings(args),
+        reinit_steps=", ".join(map(str, reinit_steps)) or "none",
+        max_steps=max_steps,
+        repo_id=repo_id,
+        timm_architecture=timm_architecture,
+    )
+
+
+def run_settings(args: RifleConfig) -> list[tuple[str, str]]:
+    """The settings a reader needs to reproduce the run, in the order the paper states them."""
+    head_init = f"normal (std {args.head_init_std})" if args.head_init == "normal" else "modules' reset_parameters()"
+    settings = [
+        ("method", args.method),
+        ("periods K", str(args.num_periods)),
+        ("head re-initialization", head_init if args.reinit_head else "off"),
+        ("head learning rate", "cyclic cosine, restarting every period" if args.head_lr_schedule == "cyclic_cosine" else "Trainer's schedule"),
+        ("head optimizer state reset", str(args.reset_head_optimizer_state and args.reinit_head)),
+    ]
+    if args.regularizer == "l2sp":
+        settings.append(("regularizer", f"L2-SP (alpha {args.l2sp_alpha}, beta {args.l2sp_beta})"))
+    settings += [
+        ("weight decay", str(args.weight_decay)),
+        ("optimizer", str(args.optim)),
+        ("learning rate", f"{args.learning_rate} ({args.lr_scheduler_type} schedule)"),
+        ("batch size per device x accumulation", f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"),
+        ("epochs" if args.max_steps <= 0 else "max steps", str(args.num_train_epochs if args.max_steps <= 0 else args.max_steps)),
+        ("seed", str(args.seed)),
+    ]
+    return settings
+
+
+def _hub_id(name: str | None) -> str | None:
+    """Only Hub ids go into metadata; local paths would not resolve for a reader."""
+    return name if name and not Path(name).exists() else None
+
+
+def _link(name: str | None, kind: str) -> str | None:
+    if _hub_id(name):
+        return f"[{name}](https://huggingface.co/{'' if kind == 'models' else 'datasets/'}{name})"
+    return f"`{name}`" if name else None
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"

