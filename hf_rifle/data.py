@@ -18,6 +18,7 @@ import PIL.Image
 import torch
 from packaging.version import Version
 from torchvision.transforms import v2
+from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,9 @@ def _load_dataset_splits(args, seed, cache_dir, token) -> datasets.DatasetDict:
         raise ValueError(
             f"The dataset has no 'train' split (it has {sorted(raw)}); RIFLE fine-tuning needs one."
         )
-    _, label_col = detect_columns(raw["train"].features, args.image_column_name, args.label_column_name)
+    image_col, label_col = detect_columns(raw["train"].features, args.image_column_name, args.label_column_name)
+    if not args.dataset_name:
+        check_images_readable(raw, image_col)
     splits = _train_validation_test(encode_labels(raw, label_col), label_col, args.train_val_split, seed)
     if args.samples_per_class is not None:
         splits["train"] = class_balanced_subset(splits["train"], label_col, args.samples_per_class, seed)
@@ -479,6 +482,14 @@ def decode_image(encoded: dict) -> PIL.Image.Image:
         raise OSError(f"Cannot read image {where}: {error}. Replace or delete this file and run again.") from error
 
 
+def check_images_readable(dataset_dict: datasets.DatasetDict, image_col: str) -> None:
+    """Decode every image once, so a broken file in a local folder stops the run before anything is
+    written or trained, with its path in the error."""
+    for split in dataset_dict.values():
+        for encoded in split.cast_column(image_col, datasets.Image(decode=False))[image_col]:
+            decode_image(encoded)
+
+
 class ImageClassificationTransform:
     """Turns a batch of raw rows into ``pixel_values`` and ``labels``.
 
@@ -515,6 +526,40 @@ def apply_transforms(
             for name, split in undecoded.items()
         }
     )
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """A training split whose random augmentation is a function of (seed, epoch, row index).
+
+    The crops and flips a row gets no longer depend on the global random stream, so a run resumed from a
+    checkpoint (whose saved RNG state is a prefetched batch ahead) sees the same images as the uninterrupted
+    run, and runs that differ only in method see the same augmentation. `set_epoch` must be called at each
+    epoch start, before the DataLoader iterator (and its workers) are created: see `SetEpochCallback`.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            return self.dataset[index]
+
+
+class SetEpochCallback(TrainerCallback):
+    """Tells an `EpochSeededDataset` which epoch begins (also when a run resumes mid-epoch)."""
+
+    def __init__(self, dataset: EpochSeededDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))
 
 
 def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:

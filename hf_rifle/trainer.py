@@ -16,9 +16,9 @@ from .callback import RifleTrainerCallback
 from .card import PLOT_FILE, plot_learning_curve, render_model_card
 from .config import RifleConfig
 from .heads import find_head
-from .optim import attach_cyclic_head_schedule_, isolate_head_param_groups_
+from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_param_groups_
 from .regularizers import l2sp_penalty, snapshot, split_backbone_and_head
-from .schedule import reinit_steps
+from .schedule import position_in_period, reinit_steps
 
 
 class RifleTrainer(Trainer):
@@ -80,6 +80,25 @@ class RifleTrainer(Trainer):
             if self.args.head_lr_schedule == "cyclic_cosine":
                 attach_cyclic_head_schedule_(scheduler, num_training_steps, self.args.num_periods)
         return self.lr_scheduler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):  # Trainer's own NaN filter would silently log an average instead
+            raise FloatingPointError(self._non_finite_loss_message(loss.item()))
+        return loss
+
+    def _non_finite_loss_message(self, value: float) -> str:
+        step = self.state.global_step
+        period, tau, length = position_in_period(step, self.state.max_steps, self.args.num_periods)
+        learning_rates = ", ".join(
+            f"{'head' if group.get(HEAD_GROUP_KEY) else 'backbone'} {group['lr']:.3g}" for group in self.optimizer.param_groups
+        )
+        return (
+            f"The training loss became {value} at optimizer step {step} of {self.state.max_steps}, in period "
+            f"{period + 1} of {self.args.num_periods} ({tau} of its {length} steps done); learning rates: "
+            f"{learning_rates}. Lower learning_rate (or l2sp_alpha/l2sp_beta), or check the inputs for NaNs. "
+            f"Checkpoints written so far in {self.args.output_dir} are from before this step."
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

@@ -121,10 +121,17 @@ def test_missing_folder_is_named(tmp_path):
         load_folders(tmp_path, train_dir=str(tmp_path / "nowhere"))
 
 
-def test_truncated_image_error_names_the_file(tmp_path, folders):
+def test_truncated_image_in_a_local_folder_is_named_when_loading(tmp_path, folders):
+    broken = folders["validation"] / "dog" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    with pytest.raises(OSError, match=f"Cannot read image {re.escape(str(broken))}: "):
+        load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
+
+
+def test_an_image_that_breaks_later_is_named_when_read(tmp_path, folders):
+    splits = load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
     broken = folders["train"] / "dog" / "1.png"
     broken.write_bytes(broken.read_bytes()[:60])
-    splits = load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
     train_tf, eval_tf = build_transforms(MEAN, STD, resize_size=16, crop_size=8)
     transformed = apply_transforms(splits, "image", "label", train_tf, eval_tf)
     with pytest.raises(OSError, match=f"Cannot read image {re.escape(str(broken))}: "):

@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -10,12 +12,11 @@ import timm
 import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
-from timm.models import save_for_hf
 from transformers import AutoModelForImageClassification, ConvNextImageProcessor, pipeline
 
 from hf_rifle.recipe import main
 
-from .tiny import CLASSES, native_resnet, write_image_folders
+from .tiny import CLASSES, native_resnet, save_timm_hub_folder, write_image_folders
 
 SENTINEL_TOKEN = "hf_SENTINELtoken0123456789"
 
@@ -35,11 +36,7 @@ def image_folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def timm_hub_folder(tmp_path_factory):
-    """A tiny timm classifier saved as timm uploads to the Hub (with its model_args.num_classes trap)."""
-    folder = tmp_path_factory.mktemp("timm_hub")
-    torch.manual_seed(0)
-    save_for_hf(timm.create_model("test_resnet", num_classes=7), folder)
-    return folder
+    return save_timm_hub_folder(tmp_path_factory.mktemp("timm_hub"))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +61,7 @@ def an_image():
     return PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8))
 
 
-def test_recipe_writes_model_config_metrics_plot_and_card(timm_run):
+def test_recipe_writes_model_config_metrics_plot_and_card(timm_run, timm_hub_folder):
     output_dir, metrics = timm_run
     for name in ("model.safetensors", "config.json", "rifle_config.json",
                  "all_results.json", "learning_curve.png", "README.md"):
@@ -74,7 +71,9 @@ def test_recipe_writes_model_config_metrics_plot_and_card(timm_run):
     saved = json.loads((output_dir / "all_results.json").read_text())
     assert saved["test_accuracy"] == metrics["test_accuracy"]
     config = json.loads((output_dir / "rifle_config.json").read_text())
-    assert (config["num_periods"], config["regularizer"], config["max_grad_norm"]) == (2, "l2", 0.0)
+    training = config["training"]
+    assert (training["num_periods"], training["regularizer"], training["max_grad_norm"]) == (2, "l2", 0.0)
+    assert config["data"]["resize_size"] == 32 and config["model"]["model_name_or_path"] == str(timm_hub_folder)
     saved_config = json.loads((output_dir / "config.json").read_text())
     assert saved_config["label_names"] == list(CLASSES)
     assert saved_config["pretrained_cfg"]["input_size"] == [3, 28, 28]  # timm keeps preprocessing in config.json
@@ -149,9 +148,9 @@ def test_push_to_hub_uploads_the_output_folder_without_the_token(
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, token=None, **kwargs):
-        files = sorted(p.relative_to(folder_path).as_posix() for p in __import__("pathlib").Path(folder_path).rglob("*") if p.is_file())
+        files = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
         uploads.append({"repo_id": repo_id, "files": files, "ignore_patterns": ignore_patterns, "token": token,
-                        "env_token": __import__("os").environ.get("HF_TOKEN")})
+                        "env_token": os.environ.get("HF_TOKEN")})
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)

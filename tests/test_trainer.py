@@ -138,20 +138,24 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, regularizer)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_mid_period_restores_head_groups_schedule_and_l2sp_reference(tmp_path):
+@pytest.mark.parametrize("checkpoint", [4, 3], ids=["mid-period", "at-a-period-start"])
+def test_resume_ends_with_the_weights_of_the_uninterrupted_run(tmp_path, checkpoint):
+    """Bit for bit on CPU: head groups, cyclic schedule, optimizer state, re-inits and the L2-SP reference
+    (the pretrained backbone, not the checkpoint's) all come back. Periods start at steps 0, 3, 6."""
+
     def run(output_dir, **overrides):
         model = timm_wrapper_resnet()
-        args = rifle_config(output_dir, regularizer="l2sp", l2sp_alpha=0.5, optim="sgd", **overrides)
-        trainer = RifleTrainer(model=model, args=args, train_dataset=RandomImages())
-        return model, trainer
+        args = rifle_config(output_dir, regularizer="l2sp", l2sp_alpha=0.5, optim="sgd", optim_args="momentum=0.9",
+                            **overrides)
+        return model, RifleTrainer(model=model, args=args, train_dataset=RandomImages())
 
     full_model, full = run(tmp_path / "full")
     full.train()
+    _, first = run(tmp_path / "split", save_strategy="steps", save_steps=checkpoint)
+    first.train()
+    resumed_model, resumed = run(tmp_path / "split")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / f"checkpoint-{checkpoint}"))
 
-    _, first = run(tmp_path / "split", save_strategy="steps", save_steps=4)
-    first.train()  # writes checkpoint-4 and checkpoint-8; resume from the mid-period one
-    resumed_model, resumed = run(tmp_path / "split", save_strategy="no")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-4"))
-
-    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
-        assert torch.equal(a, b)
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.state.global_step == 9

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import timm
 import torch
+from timm.models import save_for_hf
 from transformers import ResNetConfig, ResNetForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
 NUM_LABELS = 4
@@ -28,6 +30,13 @@ class RandomImages(torch.utils.data.Dataset):
 def timm_wrapper_resnet(architecture: str = "test_resnet") -> TimmWrapperForImageClassification:
     torch.manual_seed(0)
     return TimmWrapperForImageClassification(TimmWrapperConfig(architecture=architecture, num_labels=NUM_LABELS))
+
+
+def save_timm_hub_folder(folder: Path) -> Path:
+    """A tiny timm classifier saved as timm uploads to the Hub (with its model_args.num_classes trap)."""
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model("test_resnet", num_classes=7), folder)
+    return folder
 
 
 def native_resnet() -> ResNetForImageClassification:
