@@ -5,6 +5,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import RifleConfig
 
@@ -129,8 +130,8 @@ def run_settings(args: RifleConfig) -> list[tuple[str, str]]:
         settings.append(("regularizer", f"L2-SP (alpha {args.l2sp_alpha}, beta {args.l2sp_beta})"))
     settings += [
         ("weight decay", str(args.weight_decay)),
-        ("optimizer", str(args.optim)),
-        ("learning rate", f"{args.learning_rate} ({args.lr_scheduler_type} schedule)"),
+        ("optimizer", f"{_plain(args.optim)} {args.optim_args or ''}".strip()),
+        ("learning rate", f"{args.learning_rate} ({_plain(args.lr_scheduler_type)} schedule)"),
         ("batch size per device x accumulation", f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"),
         ("epochs" if args.max_steps <= 0 else "max steps", str(args.num_train_epochs if args.max_steps <= 0 else args.max_steps)),
         ("seed", str(args.seed)),
@@ -139,8 +140,19 @@ def run_settings(args: RifleConfig) -> list[tuple[str, str]]:
 
 
 def _hub_id(name: str | None) -> str | None:
-    """Only Hub ids go into metadata; local paths would not resolve for a reader."""
-    return name if name and not Path(name).exists() else None
+    """Only Hub ids go into metadata and links; local paths and descriptions would not resolve for a reader."""
+    if not name or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _plain(value) -> str:
+    """Enum settings (optim, lr_scheduler_type) by their value, as a user types them."""
+    return str(getattr(value, "value", value))
 
 
 def _link(name: str | None, kind: str) -> str | None:

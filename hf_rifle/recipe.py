@@ -264,6 +264,11 @@ def train_evaluate_save(model_args, data_args, args, record, last_checkpoint, ca
     return metrics
 
 
+def cli() -> None:
+    """Console entry point (`hf-rifle-train`): a returned dict would become the exit status."""
+    main()
+
+
 def summary(metrics: dict[str, float], args: RifleConfig) -> str:
     """What a user wants at the end of a run: the accuracies and where the outputs are."""
     lines = [f"{args.method} ({args.regularizer.upper()}) fine-tuning finished."]
