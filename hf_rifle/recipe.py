@@ -19,6 +19,7 @@ import transformers
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from .baselines import BaselineArguments, apply_baselines_, wrap_collator
 from .card import PLOT_FILE
 from .config import RifleConfig
 from .data import (
@@ -92,10 +93,10 @@ class ModelArguments:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, RifleConfig]:
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, BaselineArguments, RifleConfig]:
     """Flags, or a single JSON/YAML file. Flags get the recipe's defaults, and the demo's when no data is named."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, RifleConfig))
+    parser = HfArgumentParser((ModelArguments, DataArguments, BaselineArguments, RifleConfig))
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         parse_file = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         return parse_file(os.path.abspath(argv[0]))
@@ -122,9 +123,14 @@ def load_model(model_args: ModelArguments, data_args: DataArguments, names: list
     )
 
 
-def run_record(model_args: ModelArguments, data_args: DataArguments, args: RifleConfig) -> dict:
+def run_record(model_args, data_args, baseline_args, args: RifleConfig) -> dict:
     """Everything that defines a run, as saved in `rifle_config.json` (the token is masked by `to_dict`)."""
-    record = {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}
+    record = {
+        "model": asdict(model_args),
+        "data": asdict(data_args),
+        "baselines": asdict(baseline_args),
+        "training": args.to_dict(),
+    }
     return json.loads(json.dumps(record))  # as it reads back from the file
 
 
@@ -185,18 +191,18 @@ class RecordRunConfig(TrainerCallback):
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[str, float]:
     """Run the recipe on `argv` (default: the command line); `callbacks` are added to the trainer."""
-    model_args, data_args, args = parse_args(argv)
+    model_args, data_args, baseline_args, args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
     # The token goes where huggingface_hub reads it, never into training_args.bin, logs or the card.
     if args.hub_token:
         os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
     set_seed(args.seed)
-    record = run_record(model_args, data_args, args)
+    record = run_record(model_args, data_args, baseline_args, args)
     last_checkpoint = resume_point(args.output_dir, record)
 
     with no_empty_output_dir_left_on_error(args.output_dir):
-        metrics = train_evaluate_save(model_args, data_args, args, record, last_checkpoint, callbacks)
+        metrics = train_evaluate_save(model_args, data_args, baseline_args, args, record, last_checkpoint, callbacks)
     if torch.distributed.is_initialized():
         # Tear the process group down while every rank is alive: gloo may otherwise abort at exit.
         torch.distributed.barrier()
@@ -204,7 +210,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
     return metrics
 
 
-def train_evaluate_save(model_args, data_args, args, record, last_checkpoint, callbacks) -> dict[str, float]:
+def train_evaluate_save(
+    model_args, data_args, baseline_args, args, record, last_checkpoint, callbacks
+) -> dict[str, float]:
     """The recipe proper: data -> model and preprocessing -> train -> evaluate -> save, card, push."""
     # 1. Data (prepared once by the main process; the other ranks then read its cache)
     with args.main_process_first(desc="loading the dataset"):
@@ -217,6 +225,7 @@ def train_evaluate_save(model_args, data_args, args, record, last_checkpoint, ca
     # 2. Model and its preprocessing
     with tempfile.TemporaryDirectory() as workdir:
         model = load_model(model_args, data_args, names, workdir)
+    apply_baselines_(model, baseline_args, args.head_module)  # the paper's Table 1 baselines, if any
     processor = image_processor_for(
         model, data_args.resize_size, data_args.crop_size, revision=model_args.model_revision, cache_dir=model_args.cache_dir
     )
@@ -234,6 +243,7 @@ def train_evaluate_save(model_args, data_args, args, record, last_checkpoint, ca
         train_dataset=train_dataset,
         eval_dataset=splits["validation"],
         data_collator=collate_fn,
+        train_data_collator=wrap_collator(collate_fn, baseline_args, len(names), args.seed),
         compute_metrics=compute_classification_metrics,
         processing_class=processor,
         callbacks=callbacks,

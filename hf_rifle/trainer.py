@@ -30,12 +30,15 @@ class RifleTrainer(Trainer):
     (built from the same pretrained model) keeps pulling towards the pretrained weights, not the checkpoint's.
     """
 
-    def __init__(self, model=None, args: RifleConfig | None = None, **kwargs):
+    def __init__(self, model=None, args: RifleConfig | None = None, train_data_collator=None, **kwargs):
+        """`train_data_collator`, if given, collates training batches only (e.g. `DisturbLabelCollator`);
+        evaluation keeps `data_collator`, so its labels are never disturbed."""
         if not isinstance(args, RifleConfig):
             raise TypeError(f"RifleTrainer needs args=RifleConfig(...), got {type(args).__name__}.")
         if model is None:
             raise ValueError("RifleTrainer needs a model: its head and pretrained backbone are read at construction.")
         super().__init__(model=model, args=args, **kwargs)
+        self.train_data_collator = train_data_collator
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
                 "RifleTrainer supports single-device and DDP (data-parallel) training. FSDP and DeepSpeed shard the "
@@ -67,6 +70,15 @@ class RifleTrainer(Trainer):
                     reset_optimizer_state=args.reset_head_optimizer_state,
                 )
             )
+
+    def get_train_dataloader(self):
+        if self.train_data_collator is None:
+            return super().get_train_dataloader()
+        eval_collator, self.data_collator = self.data_collator, self.train_data_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = eval_collator
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

@@ -84,7 +84,7 @@ def test_model_card_records_method_results_and_reinit_steps(timm_run):
     card = ModelCard.load(output_dir / "README.md")
     max_steps = 2 * 3  # 12 images, batch 4, 2 epochs
     assert f"Head re-initialized at optimizer steps: {max_steps // 2} (of {max_steps})" in card.text
-    assert "**RIFLE** (the RIFLE method" in card.text and "learning_curve.png" in card.text
+    assert "with **RIFLE** and **L2**" in card.text and "learning_curve.png" in card.text
     assert f"| test | {100 * metrics['test_accuracy']:.2f}% |" in card.text
     assert 'timm.create_model("hf-hub:' in card.text
     results = {result.dataset_split: result for result in card.data.eval_results}
@@ -170,3 +170,18 @@ def test_push_to_hub_uploads_the_output_folder_without_the_token(
         if path.is_file():
             assert SENTINEL_TOKEN.encode() not in path.read_bytes(), path
     assert SENTINEL_TOKEN not in caplog.text and SENTINEL_TOKEN not in "".join(capsys.readouterr())
+
+
+def test_paper_baselines_are_selectable_from_the_recipe(image_folders, timm_hub_folder, tmp_path):
+    from hf_rifle.baselines import method_flags
+
+    metrics = main(recipe_flags(
+        tmp_path, "--model_name_or_path", str(timm_hub_folder), "--train_dir", str(image_folders["train"]),
+        *method_flags("original"), "--fc_dropout", "0.2", "--stochastic_depth", "0.5", "--disturb_label", "0.1",
+    ))
+    assert "eval_accuracy" in metrics
+    config = json.loads((tmp_path / "rifle_config.json").read_text())
+    assert config["baselines"] == {"fc_dropout": 0.2, "fc_dropconnect": 0.0, "cnn_dropout": 0.0,
+                                   "stochastic_depth": 0.5, "disturb_label": 0.1}
+    assert config["training"]["reinit_head"] is False
+    assert "this run\nis the plain fine-tuning baseline" in (tmp_path / "README.md").read_text()

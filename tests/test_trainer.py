@@ -159,3 +159,19 @@ def test_resume_ends_with_the_weights_of_the_uninterrupted_run(tmp_path, checkpo
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.state.global_step == 9
+
+
+def test_train_data_collator_disturbs_training_labels_only(tmp_path):
+    from transformers import default_data_collator
+
+    from hf_rifle.baselines import DisturbLabelCollator
+
+    data = RandomImages(size=64)
+    trainer = RifleTrainer(model=timm_wrapper_resnet(), args=rifle_config(tmp_path, per_device_eval_batch_size=64,
+                                                                        per_device_train_batch_size=64),
+                           train_dataset=data, eval_dataset=data, data_collator=default_data_collator,
+                           train_data_collator=DisturbLabelCollator(default_data_collator, alpha=1.0, num_classes=4))
+    evaluated = next(iter(trainer.get_eval_dataloader()))["labels"]
+    assert torch.equal(evaluated, data.labels)
+    trained = next(iter(trainer.get_train_dataloader()))["labels"]  # shuffled: compare label counts
+    assert sorted(trained.tolist()) != sorted(data.labels.tolist())
