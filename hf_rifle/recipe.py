@@ -261,6 +261,7 @@ def train_evaluate_save(
     if trainer.is_world_process_zero():
         save_image_classifier(trainer.model, args.output_dir, processor)
         trainer.save_metrics("all", metrics)
+        trainer.save_state()  # trainer_state.json: the log history behind the plots
     card_kwargs = dict(
         finetuned_from=model_args.model_name_or_path or (DEMO_BASE_MODEL if data_args.demo else DEFAULT_MODEL),
         dataset=data_args.dataset_name or data_args.train_dir or f"{data_args.demo_source} digits (offline demo)",

@@ -129,8 +129,9 @@ class RifleTrainer(Trainer):
         return result + penalty
 
     def _loss_is_scaled_for_ga(self) -> bool:
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
+        declared = getattr(self, "loss_is_scaled_for_ga", None)  # absent from older transformers 5.x
+        if declared is not None:
+            return declared
         return self.compute_loss_func is not None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,0 +1,494 @@
+"""What RIFLE costs on top of `transformers.Trainer`, measured side by side in one process.
+
+Machines drift (clocks, other jobs), so absolute times mean little and only ratios count. The variants train
+the same model from the same weights on the same data and seed, alternating in rounds (A B C, A B C, ...) so
+drift hits all of them alike; each round's step times are compared with the plain Trainer's of that round.
+
+    trainer           plain `Trainer`
+    rifle_l2sp        `RifleTrainer`: re-init, cyclic head LR and L2-SP (`RifleConfig(regularizer="l2sp")`)
+    trainer_callback  plain `Trainer` + `RifleTrainerCallback` (re-init only)
+    rifle_l2sp_naive  with `--l2sp-impl both`: `rifle_l2sp` with the naive reference penalty patched in
+
+A warm-up round runs first and is left out (lazy initialization, allocator growth, cuDNN autotuning). In
+each later run, the first `--warmup-steps` steps and the re-init steps (the same step indices for every variant) are
+timed and kept in the JSON but left out of medians and ratios: a real run re-initializes K-1 times in
+thousands of steps, so the ratios give the steady per-step cost and the re-init is timed on its own.
+
+Besides training steps it times, alone, one head re-initialization and one L2-SP forward+backward, and it
+measures memory: peak CUDA allocation per variant, or on CPU the process RSS growth next to the exact bytes
+of the L2-SP reference copy, which is the extra memory to expect.
+
+    python benchmarks/overhead.py --model resnet50 --image-size 224 --batch-size 8 --device auto
+"""
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import psutil
+import torch
+import transformers
+from transformers import (
+    PrinterCallback,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import hf_rifle
+import hf_rifle.trainer
+from hf_rifle import (
+    RifleConfig,
+    RifleTrainer,
+    RifleTrainerCallback,
+    clear_optimizer_state_,
+    find_head,
+    head_seed,
+    l2sp_penalty,
+    reinit_head_,
+    reinit_steps,
+    split_backbone_and_head,
+)
+from hf_rifle.regularizers import snapshot
+
+BASELINE = "trainer"
+TARGET_VARIANT = "rifle_l2sp"
+VARIANT_LABELS = {
+    "trainer": "Trainer",
+    "rifle_l2sp": "RifleTrainer (RIFLE + L2-SP)",
+    "trainer_callback": "Trainer + RifleTrainerCallback",
+    "rifle_l2sp_naive": "RifleTrainer, naive L2-SP loop (reference)",
+}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", default="resnet50", help="timm architecture, randomly initialized (small: resnet18, test_resnet)"
+    )
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-labels", type=int, default=100, help="classes of the new head")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of A B C runs; ratios are taken per round")
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds run first and left out of the statistics")
+    parser.add_argument("--steps-per-round", type=int, default=6, help="optimizer steps of each variant's run in a round")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps of every run left out of the statistics")
+    parser.add_argument("--num-periods", type=int, default=2, help="RIFLE's K: each run re-initializes K-1 times")
+    parser.add_argument("--micro-repeats", type=int, default=10, help="repeats of the re-init and L2-SP timings alone")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
+    parser.add_argument("--channels-last", action="store_true", help="model in channels_last memory format")
+    parser.add_argument(
+        "--l2sp-impl",
+        choices=("foreach", "both"),
+        default="foreach",
+        help="'both' also times the naive per-parameter loop (reference), alone and as a training variant",
+    )
+    parser.add_argument("--target-ratio", type=float, default=1.02, help="RIFLE+L2-SP step time / Trainer's to meet")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="JSON path; default benchmarks/results/overhead-<model>-<device>.json")
+    args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2: the ratio's spread needs at least two rounds.")
+    if args.warmup_rounds < 0 or args.warmup_steps < 0 or not 1 <= args.num_periods <= args.steps_per_round:
+        parser.error("--warmup-rounds/--warmup-steps must be >= 0, --num-periods between 1 and --steps-per-round.")
+    if not timed_step_indices(args):
+        parser.error("No step is left to time after the warm-up and re-init steps: raise --steps-per-round.")
+    return args
+
+
+def timed_step_indices(settings: argparse.Namespace) -> list[int]:
+    """Step indices that enter the statistics: past the warm-up, and not a re-init step."""
+    skipped = set(range(settings.warmup_steps)) | set(reinit_steps(settings.steps_per_round, settings.num_periods))
+    return [step for step in range(settings.steps_per_round) if step not in skipped]
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device.")
+    return choice
+
+
+def build_model(architecture: str, num_labels: int, seed: int) -> TimmWrapperForImageClassification:
+    """A randomly initialized timm classifier behind transformers' wrapper: the timing does not depend on
+    the weights' values, and nothing is downloaded."""
+    torch.manual_seed(seed)
+    return TimmWrapperForImageClassification(TimmWrapperConfig(architecture=architecture, num_labels=num_labels))
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Random images with labels as the dicts the Trainer's default collator stacks. One batch of pixels is
+    reused, so a 224px dataset costs one batch of memory and no per-item generation time."""
+
+    def __init__(self, length: int, batch_size: int, image_size: int, num_labels: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.pixels = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+        self.labels = torch.randint(0, num_labels, (length,), generator=generator)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.pixels[index % len(self.pixels)], "labels": self.labels[index]}
+
+
+def synchronizer(device: str):
+    """A function that waits for queued device work, so a timer reads finished work, not launched work."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def resident_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class StepRecorder(TrainerCallback):
+    """Wall time of each optimizer step, from `on_step_begin` to `on_step_end`: forward, backward, optimizer,
+    scheduler and the callbacks registered after this one (so RIFLE's re-init counts, data loading does not).
+    On CPU it also keeps the largest RSS seen at a step's end, when gradients and temporaries are freed."""
+
+    def __init__(self, device: str):
+        self.synchronize = synchronizer(device)
+        self.record_rss = device == "cpu"
+        self.step_seconds: list[float] = []
+        self.peak_rss = 0
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.synchronize()
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.synchronize()
+        self.step_seconds.append(time.perf_counter() - self._started)
+        if self.record_rss:
+            self.peak_rss = max(self.peak_rss, resident_bytes())
+
+
+def training_kwargs(settings: argparse.Namespace, device: str, output_dir: str) -> dict:
+    """Arguments every variant shares; set explicitly where `RifleConfig` and `TrainingArguments` differ
+    (scheduler, clipping), so the variants differ by the method alone."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=settings.steps_per_round,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=0.01,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="cosine",
+        max_grad_norm=0.0,
+        seed=settings.seed,
+        bf16=settings.bf16,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def build_trainer(variant: str, model, dataset, settings, device: str, recorder: StepRecorder, output_dir: str):
+    """The variant's trainer with `recorder` as its first callback, ahead of `RifleTrainerCallback`."""
+    shared = training_kwargs(settings, device, output_dir)
+    if variant in ("rifle_l2sp", "rifle_l2sp_naive"):
+        args = RifleConfig(**shared, num_periods=settings.num_periods, regularizer="l2sp", l2sp_alpha=0.01, l2sp_beta=0.01)
+        trainer = RifleTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
+    else:
+        callbacks = [recorder]
+        if variant == "trainer_callback":
+            callbacks.append(RifleTrainerCallback(num_periods=settings.num_periods))
+        trainer = Trainer(model=model, args=TrainingArguments(**shared), train_dataset=dataset, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # it prints the end-of-run metrics of every run
+    return trainer
+
+
+def prepare_model(template, settings, device: str):
+    """A fresh copy of the starting model per run: identical weights, and nothing (accelerate's forward
+    wrappers, re-drawn heads) carried over from an earlier run."""
+    model = copy.deepcopy(template).to(device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def release_memory(device: str) -> None:
+    """Free the previous run's trainer, model and optimizer, so the next run's memory reading is its own."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_variant(variant: str, template, dataset, settings, device: str) -> tuple[list[float], int]:
+    """Train one variant for one round; return its step times and its memory reading (peak CUDA
+    allocation, or on CPU the RSS growth over the RSS before the run's model copy was made)."""
+    release_memory(device)
+    rss_before = resident_bytes()
+    recorder = StepRecorder(device)
+    penalty = contextlib.nullcontext()
+    if variant == "rifle_l2sp_naive":
+        penalty = mock.patch.object(hf_rifle.trainer, "l2sp_penalty", naive_l2sp_penalty)
+    with tempfile.TemporaryDirectory() as output_dir, penalty:
+        model = prepare_model(template, settings, device)
+        build_trainer(variant, model, dataset, settings, device, recorder, output_dir).train()
+    memory = torch.cuda.max_memory_allocated() if device == "cuda" else recorder.peak_rss - rss_before
+    return recorder.step_seconds, memory
+
+
+def naive_l2sp_penalty(backbone, reference, head, alpha: float, beta: float) -> torch.Tensor:
+    """REFERENCE ONLY, the "before" of `hf_rifle.l2sp_penalty`: the same formula as a Python loop of small
+    ops per parameter (several kernel launches each). Kept here to show what the foreach version saves."""
+    drift = sum(((w - w0) ** 2).sum() for w, w0 in zip(backbone, reference))
+    return 0.5 * alpha * drift + 0.5 * beta * sum((w**2).sum() for w in head)
+
+
+def time_repeats(function, repeats: int, synchronize, prepare) -> list[float]:
+    """`repeats` timings of `function()`, each after an untimed `prepare()`."""
+    samples = []
+    for _ in range(repeats):
+        prepare()
+        synchronize()
+        started = time.perf_counter()
+        function()
+        synchronize()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def time_reinit(model, settings, device: str) -> list[float]:
+    """One re-initialization as the callback does it: re-draw the head, drop its momentum. Momentum is
+    re-created before each repeat so every repeat has state to drop."""
+    _, head = find_head(model)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+
+    def give_head_momentum():
+        for param in head.parameters():
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+
+    def reinit():
+        reinit_head_(head, head_seed(settings.seed, 1))
+        clear_optimizer_state_(optimizer, head.parameters())
+
+    return time_repeats(reinit, settings.micro_repeats, synchronizer(device), give_head_momentum)
+
+
+def time_l2sp(penalty, backbone, reference, head, settings, device: str) -> list[float]:
+    """The penalty's forward and backward alone, into freshly cleared gradients: its added cost per step."""
+    params = backbone + head
+
+    def clear_grads():
+        for param in params:
+            param.grad = None
+
+    def forward_backward():
+        penalty(backbone, reference, head, 0.01, 0.01).backward()
+
+    return time_repeats(forward_backward, settings.micro_repeats, synchronizer(device), clear_grads)
+
+
+def spread(values: list[float]) -> dict:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
+
+
+def summarize_variant(step_seconds: list[list[float]], baseline_seconds: list[list[float]], settings) -> dict:
+    """Median step time over the timed steps of all rounds, and per round the ratio of medians to the plain
+    Trainer's (same step indices)."""
+    indices = timed_step_indices(settings)
+    timed = [[steps[i] for i in indices] for steps in step_seconds]
+    baseline = [[steps[i] for i in indices] for steps in baseline_seconds]
+    median_step = statistics.median(t for steps in timed for t in steps)
+    ratios = [statistics.median(ours) / statistics.median(theirs) for ours, theirs in zip(timed, baseline)]
+    return {
+        "median_step_seconds": median_step,
+        "images_per_second": settings.batch_size / median_step,
+        "ratio_to_trainer": {"per_round": ratios, **spread(ratios)},
+    }
+
+
+def machine_info(device: str) -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hf_rifle": hf_rifle.__version__,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
+    }
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def measure_alone(template, settings, device: str) -> tuple[dict, dict]:
+    """Re-init and L2-SP timings on one device copy of the model, plus the L2-SP reference's exact size."""
+    model = prepare_model(template, settings, device)
+    head_name, head = find_head(model)
+    backbone, head_params = split_backbone_and_head(model, head)
+    reference = snapshot(backbone)
+    implementations = {"foreach": l2sp_penalty}
+    if settings.l2sp_impl == "both":
+        implementations["naive_reference"] = naive_l2sp_penalty
+    l2sp = {"reference_bytes": sum(p.numel() * p.element_size() for p in reference)}
+    for name, penalty in implementations.items():
+        samples = time_l2sp(penalty, backbone, reference, head_params, settings, device)
+        l2sp[name] = {"median_seconds": statistics.median(samples), "seconds": samples}
+    if "naive_reference" in l2sp:
+        l2sp["speedup_over_naive"] = l2sp["naive_reference"]["median_seconds"] / l2sp["foreach"]["median_seconds"]
+    reinit = time_reinit(model, settings, device)
+    model_info = {
+        "architecture": settings.model,
+        "head_module": head_name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "backbone_parameters": sum(p.numel() for p in backbone),
+        "head_parameters": sum(p.numel() for p in head_params),
+    }
+    return model_info, {"reinit": {"median_seconds": statistics.median(reinit), "seconds": reinit}, "l2sp": l2sp}
+
+
+def run_rounds(variants: list[str], template, settings, device: str) -> tuple[dict, dict, dict]:
+    """Every variant once per round, in the same order: step times and memory readings per measured round,
+    and the step times of the warm-up rounds."""
+    dataset = SyntheticImages(
+        settings.steps_per_round * settings.batch_size, settings.batch_size, settings.image_size,
+        settings.num_labels, settings.seed,
+    )
+    warmup_seconds = {variant: [] for variant in variants}
+    step_seconds = {variant: [] for variant in variants}
+    memory = {variant: [] for variant in variants}
+    for round_index in range(-settings.warmup_rounds, settings.rounds):
+        warmup = round_index < 0
+        name = f"warm-up round {round_index + settings.warmup_rounds + 1}" if warmup else f"round {round_index + 1}"
+        for variant in variants:
+            seconds, memory_reading = run_variant(variant, template, dataset, settings, device)
+            if warmup:
+                warmup_seconds[variant].append(seconds)
+            else:
+                step_seconds[variant].append(seconds)
+                memory[variant].append(memory_reading)
+            print(f"{name} {variant}: median step {statistics.median(seconds) * 1e3:.1f} ms", file=sys.stderr)
+    release_memory(device)
+    return step_seconds, memory, warmup_seconds
+
+
+def run(settings: argparse.Namespace) -> dict:
+    """All rounds, then the timings alone; returns everything that goes into the JSON."""
+    device = resolve_device(settings.device)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as image training scripts do; same for every variant
+    variants = [BASELINE, "rifle_l2sp", "trainer_callback"]
+    if settings.l2sp_impl == "both":
+        variants.append("rifle_l2sp_naive")
+    template = build_model(settings.model, settings.num_labels, settings.seed)
+    step_seconds, memory, warmup_seconds = run_rounds(variants, template, settings, device)
+    model_info, alone = measure_alone(template, settings, device)
+
+    results = {}
+    for variant in variants:
+        results[variant] = {
+            "label": VARIANT_LABELS[variant],
+            **summarize_variant(step_seconds[variant], step_seconds[BASELINE], settings),
+            "memory_bytes_per_round": memory[variant],
+            "memory_extra_over_trainer_bytes": statistics.median(memory[variant]) - statistics.median(memory[BASELINE]),
+            "step_seconds": step_seconds[variant],
+            "warmup_round_step_seconds": warmup_seconds[variant],
+        }
+    trainer_step = results[BASELINE]["median_step_seconds"]
+    for implementation in ("foreach", "naive_reference"):
+        if implementation in alone["l2sp"]:
+            entry = alone["l2sp"][implementation]
+            entry["fraction_of_trainer_step"] = entry["median_seconds"] / trainer_step
+    ratio = results[TARGET_VARIANT]["ratio_to_trainer"]["median"]
+    return {
+        "benchmark": "hf_rifle overhead",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(settings).items()},
+        "timed_step_indices": timed_step_indices(settings),
+        "model": model_info,
+        "memory_metric": "cuda_max_memory_allocated" if device == "cuda" else "cpu_rss_growth",
+        "variants": results,
+        **alone,
+        "target": {
+            "variant": TARGET_VARIANT, "max_ratio": settings.target_ratio, "ratio": ratio, "met": ratio <= settings.target_ratio
+        },
+    }
+
+
+def markdown_report(result: dict) -> str:
+    """The results as a Markdown table, with the timings alone and the target check underneath."""
+    memory = "RSS growth" if result["memory_metric"] == "cpu_rss_growth" else "peak CUDA alloc"
+    lines = [
+        f"| variant | median step (ms) | images/s | ratio to Trainer (median) | IQR | min–max | {memory} (MiB) | extra (MiB) |",
+        "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: |",
+    ]
+    for variant in result["variants"].values():
+        ratio = variant["ratio_to_trainer"]
+        lines.append(
+            f"| {variant['label']} | {variant['median_step_seconds'] * 1e3:.1f} | {variant['images_per_second']:.1f} "
+            f"| {ratio['median']:.3f} | {ratio['q1']:.3f}–{ratio['q3']:.3f} | {ratio['min']:.3f}–{ratio['max']:.3f} "
+            f"| {statistics.median(variant['memory_bytes_per_round']) / 2**20:.1f} "
+            f"| {variant['memory_extra_over_trainer_bytes'] / 2**20:+.1f} |"
+        )
+    l2sp, target = result["l2sp"], result["target"]
+    lines += [
+        "",
+        f"- one re-init (reinit_head_ + clear_optimizer_state_): {result['reinit']['median_seconds'] * 1e3:.2f} ms",
+        f"- L2-SP forward+backward alone (foreach): {l2sp['foreach']['median_seconds'] * 1e3:.2f} ms "
+        f"= {l2sp['foreach']['fraction_of_trainer_step']:.2%} of a Trainer step",
+    ]
+    if "naive_reference" in l2sp:
+        naive_ms = l2sp["naive_reference"]["median_seconds"] * 1e3
+        lines.append(
+            f"- L2-SP naive per-parameter loop (reference): {naive_ms:.2f} ms; "
+            f"foreach is {l2sp['speedup_over_naive']:.2f}x as fast"
+        )
+    lines += [
+        f"- L2-SP reference copy (expected extra memory): {l2sp['reference_bytes'] / 2**20:.1f} MiB",
+        f"- target {VARIANT_LABELS[target['variant']]} <= {target['max_ratio']}x Trainer: "
+        f"{target['ratio']:.3f}x, {'met' if target['met'] else 'NOT met'}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    settings = parse_args(argv)
+    result = run(settings)
+    output = settings.output or RESULTS_DIR / f"overhead-{settings.model}-{result['machine']['device']}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown_report(result))
+    print(f"\nwrote {output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

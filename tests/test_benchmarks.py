@@ -1,0 +1,89 @@
+"""Smoke test of benchmarks/overhead.py: a tiny run of its main, checked through the JSON it writes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+from hf_rifle import l2sp_penalty
+
+OVERHEAD_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+VARIANTS = {"trainer", "rifle_l2sp", "trainer_callback"}
+ROUNDS, STEPS = 2, 3
+
+
+def load_overhead():
+    """benchmarks/ is no package, so the script is imported from its path."""
+    spec = importlib.util.spec_from_file_location("overhead", OVERHEAD_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    return load_overhead()
+
+
+@pytest.fixture(scope="module")
+def result(overhead, tmp_path_factory):
+    output = tmp_path_factory.mktemp("overhead") / "o.json"
+    overhead.main(
+        ["--model", "test_resnet", "--image-size", "32", "--batch-size", "4", "--rounds", str(ROUNDS),
+         "--steps-per-round", str(STEPS), "--warmup-steps", "1", "--device", "cpu", "--output", str(output)]
+    )
+    return json.loads(output.read_text())
+
+
+def test_every_variant_has_raw_step_times_and_ratios(result):
+    assert set(result["variants"]) == VARIANTS
+    for variant in result["variants"].values():
+        assert len(variant["step_seconds"]) == ROUNDS
+        assert all(len(steps) == STEPS and all(t > 0 for t in steps) for steps in variant["step_seconds"])
+        assert variant["median_step_seconds"] > 0 and variant["images_per_second"] > 0
+        ratio = variant["ratio_to_trainer"]
+        assert len(ratio["per_round"]) == ROUNDS and all(r > 0 for r in ratio["per_round"])
+        assert ratio["min"] <= ratio["q1"] <= ratio["median"] <= ratio["q3"] <= ratio["max"]
+        assert len(variant["memory_bytes_per_round"]) == ROUNDS
+        assert len(variant["warmup_round_step_seconds"]) == 1
+    assert result["variants"]["trainer"]["ratio_to_trainer"]["per_round"] == [1.0] * ROUNDS
+    assert result["target"]["ratio"] == result["variants"]["rifle_l2sp"]["ratio_to_trainer"]["median"]
+
+
+def test_reinit_and_l2sp_are_timed_alone(result):
+    assert result["reinit"]["median_seconds"] > 0
+    assert result["l2sp"]["foreach"]["median_seconds"] > 0
+    assert result["l2sp"]["foreach"]["fraction_of_trainer_step"] > 0
+
+
+def test_l2sp_reference_bytes_are_the_backbone_parameter_bytes(result):
+    model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_resnet", num_labels=result["settings"]["num_labels"]))
+    head_prefix = result["model"]["head_module"] + "."
+    assert head_prefix == "timm_model.fc."
+    backbone_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith(head_prefix))
+    assert result["l2sp"]["reference_bytes"] == backbone_bytes
+
+
+def test_json_records_the_machine_and_settings(result):
+    assert result["machine"]["device"] == "cpu" and result["machine"]["cpu_count"] >= 1
+    assert result["machine"]["torch"] == torch.__version__
+    assert result["settings"]["model"] == "test_resnet" and result["date"]
+
+
+def test_naive_reference_penalty_matches_the_library(overhead):
+    """The 'before' the benchmark compares against must give the same penalty and gradients."""
+    generator = torch.Generator().manual_seed(0)
+    reference = [torch.randn(shape, generator=generator) for shape in ((8, 3, 3, 3), (8,))]
+    backbone = [r + 0.1 * torch.randn(r.shape, generator=generator) for r in reference]
+    head = [torch.randn(4, 8, generator=generator)]
+
+    def value_and_grads(penalty):
+        leaves = [t.clone().requires_grad_() for t in backbone + head]
+        value = penalty(leaves[:2], reference, leaves[2:], 0.3, 0.7)
+        value.backward()
+        return value.detach(), [leaf.grad for leaf in leaves]
+
+    torch.testing.assert_close(value_and_grads(overhead.naive_l2sp_penalty), value_and_grads(l2sp_penalty))
