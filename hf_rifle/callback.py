@@ -10,6 +10,11 @@ from .schedule import period_starts
 
 logger = logging.getLogger(__name__)
 
+SHARDED_TRAINING_REFUSED = (
+    "RIFLE supports single-device and DDP (data-parallel) training. FSDP and DeepSpeed shard the head across "
+    "ranks, which in-place re-initialization and L2-SP do not handle: launch with DDP."
+)
+
 
 class RifleTrainerCallback(TrainerCallback):
     """Re-initialize the classification head at the start of periods 2..K of any `transformers.Trainer` run.
@@ -53,6 +58,8 @@ class RifleTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # Fail before the first step, not at the first period boundary.
+        if args.fsdp or args.deepspeed:
+            raise ValueError(SHARDED_TRAINING_REFUSED)
         period_starts(state.max_steps, self.num_periods)
         find_head(model, self.head_module)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from .callback import RifleTrainerCallback
+from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback
 from .card import PLOT_FILE, plot_learning_curve, render_model_card
 from .config import RifleConfig
 from .heads import find_head
@@ -40,10 +40,7 @@ class RifleTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.train_data_collator = train_data_collator
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError(
-                "RifleTrainer supports single-device and DDP (data-parallel) training. FSDP and DeepSpeed shard the "
-                "head across ranks, which in-place re-initialization and L2-SP do not handle: launch with DDP."
-            )
+            raise ValueError(SHARDED_TRAINING_REFUSED)
         # Image classifiers return a per-batch mean loss and ignore `num_items_in_batch`; the Trainer must
         # divide by the accumulation steps itself, or batch 4 x GA 2 gets twice the gradient of batch 8.
         self.model_accepts_loss_kwargs = False

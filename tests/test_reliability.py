@@ -113,3 +113,17 @@ def test_non_finite_loss_stops_with_step_period_and_learning_rates(tmp_path):
         r"learning rates: backbone 0\.0\d+, backbone 0\.0\d+, head 0\.025"
     )):
         RifleTrainer(model=timm_wrapper_resnet(), args=args, train_dataset=data).train()
+
+
+@pytest.mark.parametrize("sharding", [{"fsdp": "full_shard", "deepspeed": None}, {"fsdp": None, "deepspeed": "ds.json"}])
+def test_sharded_training_is_refused_naming_the_supported_setups(sharding):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from hf_rifle import RifleTrainerCallback
+
+    state = TrainerState()
+    state.max_steps = 10
+    with pytest.raises(ValueError, match="supports single-device and DDP .* launch with DDP"):
+        RifleTrainerCallback().on_train_begin(SimpleNamespace(**sharding), state, TrainerControl(), model=timm_wrapper_resnet())

@@ -1,0 +1,65 @@
+"""Transfer accuracy of RIFLE on real data, offline: ImageNet EfficientNet-Lite0 (the packaged weights)
+fine-tuned on few-shot real handwritten digits, L2 / L2 + RIFLE / L2-SP / L2-SP + RIFLE, same seeds for
+every method, evaluated on a held-out test split.
+
+Each setting is a `hf_rifle.reproduce` sweep (so runs are resumable and share seeds), with the paper's
+optimisation scaled down to fit 2 CPU cores: SGD momentum 0.9, lr 0.01, cosine, K=3, 12 epochs, 56 px.
+
+    python benchmarks/transfer.py                       # all settings, 5 seeds: about 30 minutes on 2 cores
+    python benchmarks/transfer.py --settings sklearn-10 --seeds 1 2
+    python benchmarks/transfer.py --resolution 224      # the GPU run (benchmarks/gpu.sh)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from hf_rifle import reproduce
+
+SETTINGS = {  # name -> recipe flags selecting the data
+    "sklearn-10": ["--demo_source", "sklearn", "--samples_per_class", "10"],
+    "mnist-10": ["--demo_source", "mnist", "--samples_per_class", "10"],
+    "mnist-30": ["--demo_source", "mnist", "--samples_per_class", "30"],
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--num_periods", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--resolution", type=int, default=56, help="Crop size; images are resized to 8/7 of it.")
+    parser.add_argument("--runs_dir", default="outputs/transfer")
+    parser.add_argument("--output", default=None, help="JSON summary (default: benchmarks/results/transfer-<res>px.json).")
+    args = parser.parse_args(argv)
+
+    recipe = ["--demo", "--num_train_epochs", str(args.epochs), "--num_periods", str(args.num_periods),
+              "--crop_size", str(args.resolution), "--resize_size", str(round(args.resolution * 8 / 7)),
+              "--save_strategy", "no", "--disable_tqdm", "True", "--log_level", "warning"]
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        "settings": vars(args),
+        "results": {},
+    }
+    for name in args.settings:
+        sweep_dir = Path(args.runs_dir) / f"{name}-{args.resolution}px"
+        reproduce.main(["--methods", "original", "rifle", "--seeds", *map(str, args.seeds), "--sweep_dir",
+                        str(sweep_dir), "--dataset_label", f"digits {name}", "--", *recipe, *SETTINGS[name]])
+        report["results"][name] = json.loads((sweep_dir / "results.json").read_text())
+        report["results"][name]["table"] = (sweep_dir / "results.md").read_text()
+    output = Path(args.output or f"benchmarks/results/transfer-{args.resolution}px.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
