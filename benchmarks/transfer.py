@@ -50,12 +50,13 @@ def main(argv=None):
         "results": {},
     }
     for name in args.settings:
-        sweep_dir = Path(args.runs_dir) / f"{name}-{args.resolution}px"
+        sweep_dir = Path(args.runs_dir) / f"{name}-{args.resolution}px-{args.epochs}ep"
         reproduce.main(["--methods", "original", "rifle", "--seeds", *map(str, args.seeds), "--sweep_dir",
-                        str(sweep_dir), "--dataset_label", f"digits {name}", "--", *recipe, *SETTINGS[name]])
+                        str(sweep_dir), "--dataset_label", f"digits {name}, {args.epochs} epochs", "--", *recipe,
+                        *SETTINGS[name]])
         report["results"][name] = json.loads((sweep_dir / "results.json").read_text())
         report["results"][name]["table"] = (sweep_dir / "results.md").read_text()
-    output = Path(args.output or f"benchmarks/results/transfer-{args.resolution}px.json")
+    output = Path(args.output or f"benchmarks/results/transfer-{args.resolution}px-{args.epochs}ep.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")

@@ -1,9 +1,10 @@
 """`RifleTrainer`: the full RIFLE method as a `transformers.Trainer` subclass.
 
 It overrides documented hooks and nothing else: `create_optimizer` (the head gets param groups of its own),
-`create_scheduler` (those groups get the cyclic cosine), `compute_loss` (adds L2-SP), `log` (reports the
-L2-SP term) and `create_model_card` (a card that records the method, with a learning-curve plot).
-Re-initialization is `RifleTrainerCallback`, installed from the config.
+`create_scheduler` (those groups get the cyclic cosine), `compute_loss` (adds L2-SP), `training_step`
+(stops on a non-finite loss), `log` (reports the L2-SP term), `get_train_dataloader` (an optional
+training-only collator) and `create_model_card` (a card that records the method, with a learning-curve
+plot). Re-initialization is `RifleTrainerCallback`, installed from the config.
 """
 
 import os
