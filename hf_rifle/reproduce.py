@@ -14,13 +14,22 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
 from .baselines import METHODS, method_flags
-from .diagnostics import GradientNormCallback, plot_accuracy_curves, plot_gradient_norms
+from .diagnostics import (
+    GradientNormCallback,
+    default_probe_layers,
+    plot_accuracy_curves,
+    plot_gradient_norms,
+    weight_distance_from_pretrained,
+)
+from .data import DataArguments
+from .recipe import ModelArguments, load_model
 from .recipe import main as run_recipe
 from .schedule import reinit_steps
 
@@ -164,12 +173,40 @@ def write_figures(sweep: SweepArguments) -> list[Path]:
             plot_gradient_norms(runs, out / "figure2_gradient_norms.png")]
 
 
+def write_weight_drift(sweep: SweepArguments) -> Path:
+    """Which layers move (Section 4.6.1): relative distance ||w - w0|| / ||w0|| of the probed layers from the
+    pretrained weights at the end, Original against RIFLE, for the first seed and regularizer."""
+    from transformers import AutoModelForImageClassification
+
+    seed, regularizer = sweep.seeds[0], sweep.regularizers[0]
+    drift = {}
+    for method in [m for m in ("original", "rifle") if m in sweep.methods]:
+        folder = run_folder(sweep.sweep_dir, method, regularizer, seed)
+        finetuned = AutoModelForImageClassification.from_pretrained(folder)
+        record = json.loads((folder / "rifle_config.json").read_text())
+        names = [finetuned.config.id2label[i] for i in range(finetuned.config.num_labels)]
+        with tempfile.TemporaryDirectory() as workdir:  # the same pretrained model the run started from
+            pretrained = load_model(ModelArguments(**record["model"]), DataArguments(**record["data"]), names, workdir)
+        layers = sweep.probe_layers or default_probe_layers(finetuned)
+        distances = weight_distance_from_pretrained(finetuned, pretrained.state_dict())
+        drift[METHOD_TITLES[method]] = {layer: distances[f"relative_weight_distance/{layer}.weight"] for layer in layers}
+    methods = list(drift)
+    lines = [f"Relative distance ||w - w0|| / ||w0|| from the pretrained weights at the end (seed {seed}, "
+             f"{REGULARIZER_TITLES[regularizer]})", "", "| layer | " + " | ".join(methods) + " |",
+             "|---" * (len(methods) + 1) + "|"]
+    for layer in drift[methods[0]]:
+        lines.append(f"| {layer} | " + " | ".join(f"{drift[m][layer]:.3e}" for m in methods) + " |")
+    path = Path(sweep.sweep_dir) / "weight_drift.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     """`[sweep flags] -- [recipe flags]`: the recipe flags are passed to every run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     (sweep,) = HfArgumentParser(SweepArguments).parse_args_into_dataclasses(argv[:split])
     results = run_sweep(sweep, argv[split + 1:])
-    written = write_tables(results, sweep) + write_figures(sweep)
+    written = write_tables(results, sweep) + write_figures(sweep) + [write_weight_drift(sweep)]
     print((Path(sweep.sweep_dir) / "results.md").read_text())
     return written

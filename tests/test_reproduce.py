@@ -32,7 +32,11 @@ def test_reduced_sweep_writes_tables_and_figures_and_reuses_finished_runs(tmp_pa
                 "--test_dir", str(folders["test"]), "--num_train_epochs", "3", "--eval_strategy", "epoch")]
     written = main(argv)
     assert {p.name for p in written} == {"results.md", "results.json", "results.csv", "figure1_accuracy.png",
-                                         "figure2_gradient_norms.png"}
+                                         "figure2_gradient_norms.png", "weight_drift.md"}
+    drift = (sweep_dir / "weight_drift.md").read_text()
+    assert "| layer | Original | RIFLE |" in drift and "| timm_model.layer4." in drift
+    layer4 = next(line for line in drift.splitlines() if line.startswith("| timm_model.layer4."))
+    assert all(float(cell) > 0 for cell in layer4.strip("|").split("|")[1:])  # the backbone did move
     results = json.loads((sweep_dir / "results.json").read_text())
     accuracy = {(r["method"], r["seed"]): r["accuracy"] for r in results["runs"]}
     for seed in (1, 2):
