@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -59,18 +60,20 @@ OPERATIONAL_SETTINGS = {
     "hub_strategy", "hub_private_repo", "hub_always_push", "resume_from_checkpoint", "ddp_timeout", "local_rank",
     "cache_dir",
 }
-# The paper's optimisation (SGD, momentum 0.9, lr 0.01, cosine) and what a recipe run reports; flags override.
-RECIPE_DEFAULTS = [
-    "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.01",
-    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1", "--logging_steps", "5",
-    "--remove_unused_columns", "False", "--report_to", "none", "--dataloader_num_workers", "2",
-]
+# The paper's optimisation (SGD, momentum 0.9, lr 0.01, cosine) and what a recipe run reports; flags and
+# config files override them.
+RECIPE_DEFAULTS = {
+    "optim": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.01, "eval_strategy": "epoch",
+    "save_strategy": "epoch", "save_total_limit": 1, "logging_steps": 5, "remove_unused_columns": False,
+    "report_to": "none", "dataloader_num_workers": 2,
+}
 # The offline demo: few-shot digits at low resolution so the run takes a few minutes on 2 CPU cores.
-DEMO_DEFAULTS = [
-    "--output_dir", "outputs/demo", "--samples_per_class", "20", "--resize_size", "64", "--crop_size", "56",
-    "--num_train_epochs", "12", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
-    "--num_periods", "3", "--dataloader_num_workers", "0",
-]
+DEMO_DEFAULTS = {
+    "demo": True, "output_dir": "outputs/demo", "samples_per_class": 20, "resize_size": 64, "crop_size": 56,
+    "num_train_epochs": 12, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64, "num_periods": 3,
+    "dataloader_num_workers": 0,
+}
+DATA_SOURCES = ("dataset_name", "train_dir")
 
 
 @dataclass
@@ -94,15 +97,24 @@ class ModelArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, BaselineArguments, RifleConfig]:
-    """Flags, or a single JSON/YAML file. Flags get the recipe's defaults, and the demo's when no data is named."""
+    """Flags, or a single JSON/YAML file, over the recipe's defaults, and the demo's when no data is named."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, BaselineArguments, RifleConfig))
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        parse_file = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return parse_file(os.path.abspath(argv[0]))
-    demo = "--demo" in argv or not any(arg.split("=")[0] in ("--dataset_name", "--train_dir") for arg in argv)
-    defaults = RECIPE_DEFAULTS + (DEMO_DEFAULTS + ["--demo"] if demo else [])
-    return parser.parse_args_into_dataclasses(defaults + [arg for arg in argv if arg != "--demo"])
+        settings = yaml.safe_load(Path(argv[0]).read_text())  # YAML reads JSON too
+        return parser.parse_dict({**defaults_for(demo=not any(settings.get(key) for key in DATA_SOURCES)), **settings})
+    named = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("--")}
+    defaults = defaults_for(demo="demo" in named or not named & set(DATA_SOURCES))
+    return parser.parse_args_into_dataclasses(as_flags(defaults) + [arg for arg in argv if arg != "--demo"])
+
+
+def defaults_for(demo: bool) -> dict:
+    return {**RECIPE_DEFAULTS, **(DEMO_DEFAULTS if demo else {})}
+
+
+def as_flags(settings: dict) -> list[str]:
+    """`{"num_periods": 3, "demo": True}` -> `["--num_periods", "3", "--demo", "True"]`."""
+    return [item for name, value in settings.items() for item in (f"--{name}", str(value))]
 
 
 def load_model(model_args: ModelArguments, data_args: DataArguments, names: list[str], workdir: str):

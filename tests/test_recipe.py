@@ -185,3 +185,19 @@ def test_paper_baselines_are_selectable_from_the_recipe(image_folders, timm_hub_
                                    "stochastic_depth": 0.5, "disturb_label": 0.1}
     assert config["training"]["reinit_head"] is False
     assert "this run\nis the plain fine-tuning baseline" in (tmp_path / "README.md").read_text()
+
+
+def test_a_yaml_config_file_gets_the_recipe_defaults(image_folders, timm_hub_folder, tmp_path):
+    import yaml
+
+    from hf_rifle.recipe import parse_args
+
+    settings = {"output_dir": str(tmp_path / "run"), "model_name_or_path": str(timm_hub_folder),
+                "train_dir": str(image_folders["train"]), "num_periods": 2, "regularizer": "l2sp"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    model_args, data_args, _, args = parse_args([str(path)])
+    assert (args.num_periods, args.regularizer, args.optim_args, args.remove_unused_columns) == (2, "l2sp", "momentum=0.9", False)
+    assert not data_args.demo and data_args.train_dir == settings["train_dir"]
+    _, demo_args, _, demo_training = parse_args(["--output_dir", str(tmp_path / "demo")])
+    assert demo_args.demo and demo_args.samples_per_class == 20 and demo_training.num_train_epochs == 12
