@@ -7,14 +7,16 @@ drift hits all of them alike; each round's step times are compared with the plai
     trainer           plain `Trainer`
     rifle_l2sp        `RifleTrainer`: re-init, cyclic head LR and L2-SP (`RifleConfig(regularizer="l2sp")`)
     trainer_callback  plain `Trainer` + `RifleTrainerCallback` (re-init only)
-    rifle_l2sp_naive  with `--l2sp-impl both`: `rifle_l2sp` with the naive reference penalty patched in
+    rifle_l2sp_autograd  with `--l2sp-impl both`: the "before" of `rifle_l2sp`, the L2-SP penalty added to the
+                         loss and differentiated by autograd (RifleTrainer adds its gradient directly)
 
 A warm-up round runs first and is left out (lazy initialization, allocator growth, cuDNN autotuning). In
 each later run, the first `--warmup-steps` steps and the re-init steps (the same step indices for every variant) are
 timed and kept in the JSON but left out of medians and ratios: a real run re-initializes K-1 times in
 thousands of steps, so the ratios give the steady per-step cost and the re-init is timed on its own.
 
-Besides training steps it times, alone, one head re-initialization and one L2-SP forward+backward, and it
+Besides training steps it times, alone, one head re-initialization and the L2-SP gradient (added directly,
+and, with `--l2sp-impl both`, by autograd through the penalty), and it
 measures memory: peak CUDA allocation per variant, or on CPU the process RSS growth next to the exact bytes
 of the L2-SP reference copy, which is the extra memory to expect.
 
@@ -62,7 +64,7 @@ from hf_rifle import (
     reinit_steps,
     split_backbone_and_head,
 )
-from hf_rifle.regularizers import snapshot
+from hf_rifle.regularizers import add_l2sp_gradient_, snapshot
 
 BASELINE = "trainer"
 TARGET_VARIANT = "rifle_l2sp"
@@ -70,7 +72,7 @@ VARIANT_LABELS = {
     "trainer": "Trainer",
     "rifle_l2sp": "RifleTrainer (RIFLE + L2-SP)",
     "trainer_callback": "Trainer + RifleTrainerCallback",
-    "rifle_l2sp_naive": "RifleTrainer, naive L2-SP loop (reference)",
+    "rifle_l2sp_autograd": "RifleTrainer, L2-SP by autograd (before)",
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -94,9 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true", help="model in channels_last memory format")
     parser.add_argument(
         "--l2sp-impl",
-        choices=("foreach", "both"),
-        default="foreach",
-        help="'both' also times the naive per-parameter loop (reference), alone and as a training variant",
+        choices=("direct", "both"),
+        default="direct",
+        help="'both' also times the L2-SP penalty differentiated by autograd (the before), alone and in training",
     )
     parser.add_argument("--target-ratio", type=float, default=1.02, help="RIFLE+L2-SP step time / Trainer's to meet")
     parser.add_argument("--seed", type=int, default=0)
@@ -208,9 +210,10 @@ def training_kwargs(settings: argparse.Namespace, device: str, output_dir: str) 
 def build_trainer(variant: str, model, dataset, settings, device: str, recorder: StepRecorder, output_dir: str):
     """The variant's trainer with `recorder` as its first callback, ahead of `RifleTrainerCallback`."""
     shared = training_kwargs(settings, device, output_dir)
-    if variant in ("rifle_l2sp", "rifle_l2sp_naive"):
+    if variant in ("rifle_l2sp", "rifle_l2sp_autograd"):
         args = RifleConfig(**shared, num_periods=settings.num_periods, regularizer="l2sp", l2sp_alpha=0.01, l2sp_beta=0.01)
-        trainer = RifleTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
+        trainer_class = AutogradL2SPTrainer if variant == "rifle_l2sp_autograd" else RifleTrainer
+        trainer = trainer_class(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
     else:
         callbacks = [recorder]
         if variant == "trainer_callback":
@@ -243,21 +246,24 @@ def run_variant(variant: str, template, dataset, settings, device: str) -> tuple
     release_memory(device)
     rss_before = resident_bytes()
     recorder = StepRecorder(device)
-    penalty = contextlib.nullcontext()
-    if variant == "rifle_l2sp_naive":
-        penalty = mock.patch.object(hf_rifle.trainer, "l2sp_penalty", naive_l2sp_penalty)
-    with tempfile.TemporaryDirectory() as output_dir, penalty:
+    direct_gradient = contextlib.nullcontext()
+    if variant == "rifle_l2sp_autograd":  # its gradient comes from the loss; do not add it a second time
+        direct_gradient = mock.patch.object(hf_rifle.trainer, "add_l2sp_gradient_", lambda *args: None)
+    with tempfile.TemporaryDirectory() as output_dir, direct_gradient:
         model = prepare_model(template, settings, device)
         build_trainer(variant, model, dataset, settings, device, recorder, output_dir).train()
     memory = torch.cuda.max_memory_allocated() if device == "cuda" else recorder.peak_rss - rss_before
     return recorder.step_seconds, memory
 
 
-def naive_l2sp_penalty(backbone, reference, head, alpha: float, beta: float) -> torch.Tensor:
-    """REFERENCE ONLY, the "before" of `hf_rifle.l2sp_penalty`: the same formula as a Python loop of small
-    ops per parameter (several kernel launches each). Kept here to show what the foreach version saves."""
-    drift = sum(((w - w0) ** 2).sum() for w, w0 in zip(backbone, reference))
-    return 0.5 * alpha * drift + 0.5 * beta * sum((w**2).sum() for w in head)
+class AutogradL2SPTrainer(RifleTrainer):
+    """REFERENCE ONLY, the "before": L2-SP as a term of the loss, its gradient left to autograd (the
+    penalty's forward, its backward and the accumulation into .grad). Kept to show what adding the
+    gradient directly (`hf_rifle.regularizers.add_l2sp_gradient_`) saves."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss + l2sp_penalty(*self._l2sp, self.args.l2sp_alpha, self.args.l2sp_beta)
 
 
 def time_repeats(function, repeats: int, synchronize, prepare) -> list[float]:
@@ -291,18 +297,21 @@ def time_reinit(model, settings, device: str) -> list[float]:
     return time_repeats(reinit, settings.micro_repeats, synchronizer(device), give_head_momentum)
 
 
-def time_l2sp(penalty, backbone, reference, head, settings, device: str) -> list[float]:
-    """The penalty's forward and backward alone, into freshly cleared gradients: its added cost per step."""
-    params = backbone + head
+def time_l2sp_direct(backbone, reference, head, settings, device: str) -> list[float]:
+    """`add_l2sp_gradient_` alone, into existing gradients, as RifleTrainer runs it once per optimizer step."""
+    return time_repeats(lambda: add_l2sp_gradient_(backbone, reference, head, 0.01, 0.01), settings.micro_repeats,
+                        synchronizer(device), lambda: give_zero_gradients(backbone + head))
 
-    def clear_grads():
-        for param in params:
-            param.grad = None
 
-    def forward_backward():
-        penalty(backbone, reference, head, 0.01, 0.01).backward()
+def time_l2sp_autograd(backbone, reference, head, settings, device: str) -> list[float]:
+    """The before: the penalty's forward and backward, accumulating into existing gradients."""
+    return time_repeats(lambda: l2sp_penalty(backbone, reference, head, 0.01, 0.01).backward(), settings.micro_repeats,
+                        synchronizer(device), lambda: give_zero_gradients(backbone + head))
 
-    return time_repeats(forward_backward, settings.micro_repeats, synchronizer(device), clear_grads)
+
+def give_zero_gradients(params) -> None:
+    for param in params:
+        param.grad = torch.zeros_like(param)
 
 
 def spread(values: list[float]) -> dict:
@@ -354,15 +363,15 @@ def measure_alone(template, settings, device: str) -> tuple[dict, dict]:
     head_name, head = find_head(model)
     backbone, head_params = split_backbone_and_head(model, head)
     reference = snapshot(backbone)
-    implementations = {"foreach": l2sp_penalty}
+    implementations = {"direct": time_l2sp_direct}
     if settings.l2sp_impl == "both":
-        implementations["naive_reference"] = naive_l2sp_penalty
+        implementations["autograd_reference"] = time_l2sp_autograd
     l2sp = {"reference_bytes": sum(p.numel() * p.element_size() for p in reference)}
-    for name, penalty in implementations.items():
-        samples = time_l2sp(penalty, backbone, reference, head_params, settings, device)
+    for name, timer in implementations.items():
+        samples = timer(backbone, reference, head_params, settings, device)
         l2sp[name] = {"median_seconds": statistics.median(samples), "seconds": samples}
-    if "naive_reference" in l2sp:
-        l2sp["speedup_over_naive"] = l2sp["naive_reference"]["median_seconds"] / l2sp["foreach"]["median_seconds"]
+    if "autograd_reference" in l2sp:
+        l2sp["speedup_over_autograd"] = l2sp["autograd_reference"]["median_seconds"] / l2sp["direct"]["median_seconds"]
     reinit = time_reinit(model, settings, device)
     model_info = {
         "architecture": settings.model,
@@ -406,7 +415,7 @@ def run(settings: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True  # as image training scripts do; same for every variant
     variants = [BASELINE, "rifle_l2sp", "trainer_callback"]
     if settings.l2sp_impl == "both":
-        variants.append("rifle_l2sp_naive")
+        variants.append("rifle_l2sp_autograd")
     template = build_model(settings.model, settings.num_labels, settings.seed)
     step_seconds, memory, warmup_seconds = run_rounds(variants, template, settings, device)
     model_info, alone = measure_alone(template, settings, device)
@@ -422,7 +431,7 @@ def run(settings: argparse.Namespace) -> dict:
             "warmup_round_step_seconds": warmup_seconds[variant],
         }
     trainer_step = results[BASELINE]["median_step_seconds"]
-    for implementation in ("foreach", "naive_reference"):
+    for implementation in ("direct", "autograd_reference"):
         if implementation in alone["l2sp"]:
             entry = alone["l2sp"][implementation]
             entry["fraction_of_trainer_step"] = entry["median_seconds"] / trainer_step
@@ -462,14 +471,15 @@ def markdown_report(result: dict) -> str:
     lines += [
         "",
         f"- one re-init (reinit_head_ + clear_optimizer_state_): {result['reinit']['median_seconds'] * 1e3:.2f} ms",
-        f"- L2-SP forward+backward alone (foreach): {l2sp['foreach']['median_seconds'] * 1e3:.2f} ms "
-        f"= {l2sp['foreach']['fraction_of_trainer_step']:.2%} of a Trainer step",
+        f"- L2-SP gradient added directly, alone: {l2sp['direct']['median_seconds'] * 1e3:.2f} ms "
+        f"= {l2sp['direct']['fraction_of_trainer_step']:.2%} of a Trainer step",
     ]
-    if "naive_reference" in l2sp:
-        naive_ms = l2sp["naive_reference"]["median_seconds"] * 1e3
+    if "autograd_reference" in l2sp:
+        autograd_ms = l2sp["autograd_reference"]["median_seconds"] * 1e3
         lines.append(
-            f"- L2-SP naive per-parameter loop (reference): {naive_ms:.2f} ms; "
-            f"foreach is {l2sp['speedup_over_naive']:.2f}x as fast"
+            f"- L2-SP by autograd through the penalty (before): {autograd_ms:.2f} ms "
+            f"= {l2sp['autograd_reference']['fraction_of_trainer_step']:.2%}; direct is "
+            f"{l2sp['speedup_over_autograd']:.2f}x as fast"
         )
     lines += [
         f"- L2-SP reference copy (expected extra memory): {l2sp['reference_bytes'] / 2**20:.1f} MiB",

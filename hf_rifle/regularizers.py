@@ -4,7 +4,10 @@
   + beta/2  * ||w_head||^2             over the new head's parameters
 
 It runs every step, so it is computed with foreach kernels (one launch per op for all tensors) rather
-than a Python loop over parameters.
+than a Python loop over parameters. Training does not put the penalty in the loss: `add_l2sp_gradient_`
+adds its exact gradient, alpha * (w - w_s) and beta * w_head, straight to `.grad` in two foreach passes,
+about half the memory traffic of differentiating `l2sp_penalty` with autograd; the value is computed only
+when it is logged.
 """
 
 import torch
@@ -38,3 +41,21 @@ def l2sp_penalty(
     """alpha/2 * sum ||w - w_s||^2 + beta/2 * ||w_head||^2."""
     drift = squared_norm(torch._foreach_sub(backbone, reference))
     return 0.5 * alpha * drift + 0.5 * beta * squared_norm(head)
+
+
+@torch.no_grad()
+def add_l2sp_gradient_(
+    backbone: list[torch.Tensor],
+    reference: list[torch.Tensor],
+    head: list[torch.Tensor],
+    alpha: float,
+    beta: float,
+) -> None:
+    """Add the gradient of `l2sp_penalty` to the parameters' `.grad` (parameters without one are skipped)."""
+    pairs = [(w, w_s) for w, w_s in zip(backbone, reference) if w.grad is not None]
+    if pairs and alpha:
+        weights, references = zip(*pairs)
+        torch._foreach_add_([w.grad for w in weights], torch._foreach_sub(weights, references), alpha=alpha)
+    head = [w for w in head if w.grad is not None]
+    if head and beta:
+        torch._foreach_add_([w.grad for w in head], head, alpha=beta)

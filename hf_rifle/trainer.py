@@ -1,8 +1,8 @@
 """`RifleTrainer`: the full RIFLE method as a `transformers.Trainer` subclass.
 
 It overrides documented hooks and nothing else: `create_optimizer` (the head gets param groups of its own),
-`create_scheduler` (those groups get the cyclic cosine), `compute_loss` (adds L2-SP), `training_step`
-(stops on a non-finite loss), `log` (reports the L2-SP term), `get_train_dataloader` (an optional
+`create_scheduler` (those groups get the cyclic cosine), `training_step` (adds the L2-SP gradient, stops on
+a non-finite loss), `log` (reports the L2-SP term), `get_train_dataloader` (an optional
 training-only collator) and `create_model_card` (a card that records the method, with a learning-curve
 plot). Re-initialization is `RifleTrainerCallback`, installed from the config.
 """
@@ -18,7 +18,7 @@ from .card import PLOT_FILE, plot_learning_curve, render_model_card
 from .config import RifleConfig
 from .heads import find_head
 from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_param_groups_
-from .regularizers import l2sp_penalty, snapshot, split_backbone_and_head
+from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
 from .schedule import position_in_period, reinit_steps
 
 
@@ -51,8 +51,6 @@ class RifleTrainer(Trainer):
         self._l2sp = None
         if args.regularizer == "l2sp":
             self._l2sp = (backbone_params, snapshot(backbone_params), self._head_params)
-        self._l2sp_total = torch.zeros((), device=self.args.device)
-        self._l2sp_count = 0
 
         if args.reinit_head:
             if any(isinstance(cb, RifleTrainerCallback) for cb in self.callback_handler.callbacks):
@@ -95,6 +93,11 @@ class RifleTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):  # Trainer's own NaN filter would silently log an average instead
             raise FloatingPointError(self._non_finite_loss_message(loss.item()))
+        if self._l2sp is not None and self.accelerator.sync_gradients:
+            # Once per optimizer step, after the last micro-batch's backward (and DDP's gradient averaging),
+            # before clipping: the gradient autograd would give for the penalty in the loss, in two foreach passes.
+            scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
+            add_l2sp_gradient_(*self._l2sp, self.args.l2sp_alpha * scale, self.args.l2sp_beta * scale)
         return loss
 
     def _non_finite_loss_message(self, value: float) -> str:
@@ -110,33 +113,10 @@ class RifleTrainer(Trainer):
             f"Checkpoints written so far in {self.args.output_dir} are from before this step."
         )
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self._l2sp is None or not model.training:
-            return result
-        backbone, reference, head = self._l2sp
-        penalty = l2sp_penalty(backbone, reference, head, self.args.l2sp_alpha, self.args.l2sp_beta)
-        if self._loss_is_scaled_for_ga():
-            # The Trainer will not divide this micro-batch's loss, so share the penalty among micro-batches.
-            penalty = penalty / self.current_gradient_accumulation_steps
-        self._l2sp_total += penalty.detach()
-        self._l2sp_count += 1
-        if return_outputs:
-            loss, outputs = result
-            return loss + penalty, outputs
-        return result + penalty
-
-    def _loss_is_scaled_for_ga(self) -> bool:
-        declared = getattr(self, "loss_is_scaled_for_ga", None)  # absent from older transformers 5.x
-        if declared is not None:
-            return declared
-        return self.compute_loss_func is not None
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._l2sp_count and "loss" in logs:
-            logs["l2sp_loss"] = (self._l2sp_total / self._l2sp_count).item()
-            self._l2sp_total.zero_()
-            self._l2sp_count = 0
+        if self._l2sp is not None and "loss" in logs:
+            with torch.no_grad():
+                logs["l2sp_loss"] = l2sp_penalty(*self._l2sp, self.args.l2sp_alpha, self.args.l2sp_beta).item()
         super().log(logs, start_time)
 
     def reinit_steps(self) -> list[int]:

@@ -1,6 +1,5 @@
 import pickle
 import re
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -23,7 +22,7 @@ from hf_rifle.data import (
     load_splits,
 )
 
-from .tiny import CLASSES, FOLDER_SIZES, write_image_folders
+from .tiny import CLASSES, write_image_folders
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hf_rifle import find_head, l2sp_penalty, split_backbone_and_head
-from hf_rifle.regularizers import snapshot
+from hf_rifle.regularizers import add_l2sp_gradient_, snapshot
 
 from .tiny import native_resnet
 
@@ -58,3 +58,14 @@ def test_penalty_gradient_is_zero_not_nan_at_the_pretrained_weights():
     backbone, head_params = split_backbone_and_head(model, head)
     grads = torch.autograd.grad(l2sp_penalty(backbone, snapshot(backbone), head_params, 0.1, 0.0), backbone)
     assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_added_gradient_equals_autograd_of_the_penalty():
+    _, backbone, reference, head = drifted_model()
+    existing = [torch.randn_like(p) for p in backbone + head]
+    expected = torch.autograd.grad(l2sp_penalty(backbone, reference, head, 0.01, 0.03), backbone + head)
+    for param, grad in zip(backbone + head, existing):
+        param.grad = grad.clone()
+    add_l2sp_gradient_(backbone, reference, head, 0.01, 0.03)
+    for param, before, penalty_grad in zip(backbone + head, existing, expected):
+        torch.testing.assert_close(param.grad, before + penalty_grad)

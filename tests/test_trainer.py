@@ -99,18 +99,35 @@ def test_trainer_schedule_option_leaves_the_head_on_the_backbone_curve(tmp_path)
         assert set(record["head_lr"]) == set(record["backbone_lr"])
 
 
-def test_l2sp_is_added_to_the_loss_and_logged(tmp_path):
+def test_l2sp_gradient_is_added_to_each_update(tmp_path):
+    """One plain SGD step: L2-SP's update differs from L2's by exactly -lr * gradient of the penalty; at the
+    pretrained weights that is -lr * beta * w_head on the head and nothing on the backbone."""
+
+    def one_step(regularizer):
+        model = timm_wrapper_resnet()
+        args = rifle_config(tmp_path, max_steps=1, num_periods=1, regularizer=regularizer, l2sp_alpha=0.7,
+                            l2sp_beta=0.5, lr_scheduler_type="constant", train_sampling_strategy="sequential")
+        RifleTrainer(model=model, args=args, train_dataset=RandomImages()).train()
+        return model
+
+    start, l2, l2sp = timm_wrapper_resnet(), one_step("l2"), one_step("l2sp")
+    for name, initial in start.named_parameters():
+        difference = l2sp.get_parameter(name) - l2.get_parameter(name)
+        expected = -0.1 * 0.5 * initial if name.startswith("timm_model.fc.") else torch.zeros_like(initial)
+        torch.testing.assert_close(difference, expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_l2sp_term_is_logged_with_the_formulas_value(tmp_path):
     model = timm_wrapper_resnet()
-    head_at_start = model.timm_model.fc.weight.detach().clone(), model.timm_model.fc.bias.detach().clone()
-    trainer = RifleTrainer(model=model, args=rifle_config(tmp_path, regularizer="l2sp", l2sp_beta=0.5),
+    pretrained = [p.detach().clone() for p in timm_wrapper_resnet().parameters()]
+    trainer = RifleTrainer(model=model, args=rifle_config(tmp_path, regularizer="l2sp", l2sp_alpha=0.3, l2sp_beta=0.5),
                            train_dataset=RandomImages())
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "l2sp_loss" in entry]
     assert [entry["step"] for entry in logged] == list(range(1, 10))
-    # Before the first update the backbone sits on w_s: the penalty is beta/2 * ||w_head||^2 alone.
-    expected_first = 0.5 * 0.5 * sum((w**2).sum() for w in head_at_start).item()
-    assert logged[0]["l2sp_loss"] == pytest.approx(expected_first, rel=1e-5)
-    assert all(entry["l2sp_loss"] > 0 for entry in logged)
+    drift = sum(((w - w0) ** 2).sum() for (n, w), w0 in zip(model.named_parameters(), pretrained) if "fc." not in n)
+    head = sum((w**2).sum() for n, w in model.named_parameters() if "fc." in n)
+    assert logged[-1]["l2sp_loss"] == pytest.approx((0.3 / 2 * drift + 0.5 / 2 * head).item(), rel=1e-5)
 
 
 def duplicated_batch_dataset():
