@@ -114,7 +114,7 @@ def test_l2sp_gradient_is_added_to_each_update(tmp_path):
     for name, initial in start.named_parameters():
         difference = l2sp.get_parameter(name) - l2.get_parameter(name)
         expected = -0.1 * 0.5 * initial if name.startswith("timm_model.fc.") else torch.zeros_like(initial)
-        torch.testing.assert_close(difference, expected, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(difference, expected, rtol=1e-4, atol=1e-6, msg=name)  # float32 rounding
 
 
 def test_l2sp_term_is_logged_with_the_formulas_value(tmp_path):
