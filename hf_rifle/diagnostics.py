@@ -24,23 +24,23 @@ GRAD_NORM_PREFIX = "grad_norm/"
 def default_probe_layers(model: nn.Module) -> list[str]:
     """Dotted names of the last spatial convolution of four stages, as in Section 4.6.1.
 
-    ResNets: the last 3x3 convolution of each residual stage (timm's `layerK[-1].conv2` for Bottleneck and
-    BasicBlock alike, `timm_model.` in front inside `TimmWrapperForImageClassification`; the 3x3
-    `convolution` of the last layer of `resnet.encoder.stages.K` in transformers' native ResNet).
-    timm EfficientNets (the offline demo's model), which have no residual stages: the last depthwise
-    convolution of four stages spread from the first downsampling stage to the last. Other models: pass
-    layer names yourself.
+    ResNets: the last 3x3 convolution of each of the four residual stages (timm's `layerK[-1].conv2` for
+    Bottleneck and BasicBlock alike, `timm_model.` in front inside `TimmWrapperForImageClassification`; the
+    3x3 `convolution` of the last layer of `resnet.encoder.stages.K` in transformers' native ResNet).
+    Models with more stages (timm EfficientNets, the offline demo's model): four stages spread from the
+    second to the last, their last depthwise convolution. Other models: pass layer names yourself.
     """
     try:
         stages = residual_stages(model)
     except ValueError:
-        stages = _efficientnet_stages(model)
-    if not stages:
         raise ValueError(
             f"No ResNet or EfficientNet stages found in {type(model).__name__}, so there are no default probe layers. "
             "Pass the layers to probe, e.g. GradientNormCallback(layers=['blocks.3.conv']) (names from "
             "model.named_modules())."
-        )
+        ) from None
+    if len(stages) > 4:
+        last = len(stages) - 1
+        stages = [stages[round(1 + i * (last - 1) / 3)] for i in range(4)]
     layers = []
     for stage_name, stage in stages:
         convs = [n for n, m in stage.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
@@ -51,18 +51,6 @@ def default_probe_layers(model: nn.Module) -> list[str]:
             )
         layers.append(f"{stage_name}.{convs[-1]}")
     return layers
-
-
-def _efficientnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Four of the `blocks` stages of a timm EfficientNet-style model, evenly spread from the second."""
-    for name, module in model.named_modules():
-        blocks = getattr(module, "blocks", None)
-        if isinstance(blocks, nn.Sequential) and callable(getattr(module, "get_classifier", None)) and len(blocks) >= 5:
-            last = len(blocks) - 1
-            picks = sorted({round(1 + i * (last - 1) / 3) for i in range(4)})
-            prefix = f"{name}.blocks" if name else "blocks"
-            return [(f"{prefix}.{i}", blocks[i]) for i in picks]
-    return []
 
 
 class GradientNormCallback(TrainerCallback):

@@ -354,3 +354,12 @@ def test_rifle_trains_with_every_model_baseline_on(tmp_path):
     trainer.train()
     assert find_head(trainer.model)[1] is head and not torch.equal(head.weight, before)
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_cnn_dropout_covers_efficientnet_stages_but_not_vit_blocks():
+    import timm
+
+    stages = add_cnn_dropout_(timm.create_model("test_efficientnet"), 0.2)
+    assert stages and all(name.startswith("blocks.") for name in stages)
+    with pytest.raises(ValueError, match="No residual stages found in VisionTransformer"):
+        add_cnn_dropout_(timm.create_model("test_vit"), 0.2)
