@@ -4,7 +4,7 @@ import logging
 
 from transformers import TrainerCallback
 
-from .config import HEAD_INITS, _check_choice
+from .config import HEAD_INITS, _check_choice, _check_non_negative
 from .heads import clear_optimizer_state_, find_head, head_seed, reinit_head_
 from .schedule import period_starts
 
@@ -49,6 +49,7 @@ class RifleTrainerCallback(TrainerCallback):
         if num_periods < 1:
             raise ValueError(f"num_periods must be >= 1, got {num_periods}.")
         _check_choice("head_init", head_init, HEAD_INITS)
+        _check_non_negative("head_init_std", head_init_std)
         self.num_periods = num_periods
         self.head_module = head_module
         self.head_init = head_init

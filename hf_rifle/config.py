@@ -91,10 +91,13 @@ class RifleConfig(TrainingArguments):
         if self.num_periods < 1:
             raise ValueError(f"num_periods must be >= 1, got {self.num_periods}: use 1 for a single period (no re-init).")
         for name in ("l2sp_alpha", "l2sp_beta", "head_init_std"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+            _check_non_negative(name, getattr(self, name))
         super().__post_init__()
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -105,3 +105,18 @@ def test_clear_optimizer_state_forgets_only_the_head():
 
     clear_optimizer_state_(optimizer, head.parameters())
     assert all((p in optimizer.state) == (p not in head_params) for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"num_periods": 0}, "num_periods must be >= 1"),
+        ({"head_init": "xavier"}, "Unknown head_init='xavier'"),
+        ({"head_init_std": float("nan")}, "head_init_std must be a finite number >= 0"),
+    ],
+)
+def test_callback_refuses_bad_settings(settings, message):
+    from hf_rifle import RifleTrainerCallback
+
+    with pytest.raises(ValueError, match=message):
+        RifleTrainerCallback(**settings)
