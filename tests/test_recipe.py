@@ -201,3 +201,16 @@ def test_a_yaml_config_file_gets_the_recipe_defaults(image_folders, timm_hub_fol
     assert not data_args.demo and data_args.train_dir == settings["train_dir"]
     _, demo_args, _, demo_training = parse_args(["--output_dir", str(tmp_path / "demo")])
     assert demo_args.demo and demo_args.samples_per_class == 20 and demo_training.num_train_epochs == 12
+
+
+def test_local_weights_file_with_a_timm_architecture(image_folders, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=7).state_dict(), weights)
+    metrics = main(recipe_flags(tmp_path / "run", "--model_name_or_path", str(weights), "--timm_architecture",
+                                "test_resnet", "--train_dir", str(image_folders["train"])))
+    assert "eval_accuracy" in metrics
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)
+    assert reloaded.get_classifier().out_features == len(CLASSES)
