@@ -132,13 +132,14 @@ class RifleTrainer(Trainer):
             return
         output_dir = Path(self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        plot_learning_curve(self.state.log_history, self.reinit_steps(), output_dir / PLOT_FILE)
+        reinits = self.reinit_steps()
+        plot_learning_curve(self.state.log_history, reinits, output_dir / PLOT_FILE)
         config = self.model.config
         card = render_model_card(
             self.args,
             self.state.log_history,
             self.state.max_steps,
-            self.reinit_steps(),
+            reinits,
             repo_id=self.hub_model_id or self.args.hub_model_id or model_name or output_dir.name,
             base_model=finetuned_from or getattr(config, "_name_or_path", None),
             dataset=dataset[0] if isinstance(dataset, list) else dataset,
