@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # hf_rifle's benchmarks on a lent H200 GPU, as one prepared run of a few minutes:
 #   1. images/s of ResNet-50 fine-tuning at 224 (bf16, channels_last, batch 64), Trainer vs RifleTrainer
-#      side by side, with the naive L2-SP loop as a fourth variant (benchmarks/overhead.py);
-#   2. the transfer benchmark at full resolution (benchmarks/transfer.py), skipped if that file is missing.
+#      side by side, with L2-SP differentiated by autograd (the "before") as a fourth variant
+#      (benchmarks/overhead.py);
+#   2. the transfer benchmark at full resolution (benchmarks/transfer.py).
 # Each step has its own timeout and a failing step does not stop the next; the exit status says whether all
 # passed. JSON results go to benchmarks/results/ and, when $OUT is set (the device tool brings back what is
 # written there), to $OUT together with gpu.log.
@@ -98,11 +99,7 @@ main() {
         --rounds 5 --steps-per-round 30 --warmup-steps 5 --micro-repeats 20 --l2sp-impl both \
         --device cuda --bf16 --channels-last --output "$OVERHEAD_JSON"
 
-    if [[ -f benchmarks/transfer.py ]]; then
-        run_step "transfer" "$PYTHON" benchmarks/transfer.py --resolution 224 --output "$TRANSFER_JSON"
-    else
-        echo "== transfer: skipped, benchmarks/transfer.py is not in this working tree"
-    fi
+    run_step "transfer" "$PYTHON" benchmarks/transfer.py --resolution 224 --output "$TRANSFER_JSON"
 
     copy_results_to_out
     if ((${#FAILED[@]})); then

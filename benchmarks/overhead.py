@@ -1,8 +1,10 @@
 """What RIFLE costs on top of `transformers.Trainer`, measured side by side in one process.
 
 Machines drift (clocks, other jobs), so absolute times mean little and only ratios count. The variants train
-the same model from the same weights on the same data and seed, alternating in rounds (A B C, A B C, ...) so
-drift hits all of them alike; each round's step times are compared with the plain Trainer's of that round.
+the same model from the same weights on the same data and seed, alternating in rounds so drift hits all of
+them alike; each round's step times are compared with the plain Trainer's of that round. The order rotates
+from round to round (A B C, B C A, C A B, ...): with a fixed order, whatever favours a place in the round
+(the first run after the previous round's memory is freed, say) would read as a cost of the method.
 
     trainer           plain `Trainer`
     rifle_l2sp        `RifleTrainer`: re-init, cyclic head LR and L2-SP (`RifleConfig(regularizer="l2sp")`)
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-labels", type=int, default=100, help="classes of the new head")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of A B C runs; ratios are taken per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of one run per variant; ratios are taken per round")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds run first and left out of the statistics")
     parser.add_argument("--steps-per-round", type=int, default=6, help="optimizer steps of each variant's run in a round")
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps of every run left out of the statistics")
@@ -383,9 +385,15 @@ def measure_alone(template, settings, device: str) -> tuple[dict, dict]:
     return model_info, {"reinit": {"median_seconds": statistics.median(reinit), "seconds": reinit}, "l2sp": l2sp}
 
 
+def rotated(variants: list[str], round_index: int) -> list[str]:
+    """`variants` starting from the (round_index mod n)-th: over n rounds each variant runs once in each place."""
+    start = round_index % len(variants)
+    return variants[start:] + variants[:start]
+
+
 def run_rounds(variants: list[str], template, settings, device: str) -> tuple[dict, dict, dict]:
-    """Every variant once per round, in the same order: step times and memory readings per measured round,
-    and the step times of the warm-up rounds."""
+    """Every variant once per round, the order rotated by one each round: step times and memory readings per
+    measured round, and the step times of the warm-up rounds."""
     dataset = SyntheticImages(
         settings.steps_per_round * settings.batch_size, settings.batch_size, settings.image_size,
         settings.num_labels, settings.seed,
@@ -396,7 +404,7 @@ def run_rounds(variants: list[str], template, settings, device: str) -> tuple[di
     for round_index in range(-settings.warmup_rounds, settings.rounds):
         warmup = round_index < 0
         name = f"warm-up round {round_index + settings.warmup_rounds + 1}" if warmup else f"round {round_index + 1}"
-        for variant in variants:
+        for variant in rotated(variants, round_index):
             seconds, memory_reading = run_variant(variant, template, dataset, settings, device)
             if warmup:
                 warmup_seconds[variant].append(seconds)
@@ -442,6 +450,7 @@ def run(settings: argparse.Namespace) -> dict:
         "machine": machine_info(device),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(settings).items()},
         "timed_step_indices": timed_step_indices(settings),
+        "round_orders": [rotated(variants, round_index) for round_index in range(settings.rounds)],
         "model": model_info,
         "memory_metric": "cuda_max_memory_allocated" if device == "cuda" else "cpu_rss_growth",
         "variants": results,

@@ -37,7 +37,10 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=40, help="the paper's 40: shorter runs leave RIFLE's head unconverged")
     parser.add_argument("--resolution", type=int, default=56, help="Crop size; images are resized to 8/7 of it.")
     parser.add_argument("--runs_dir", default="outputs/transfer")
-    parser.add_argument("--output", default=None, help="JSON summary (default: benchmarks/results/transfer-<res>px.json).")
+    parser.add_argument(
+        "--output", default=None,
+        help="JSON summary (default: benchmarks/results/transfer-<settings>-<res>px-<epochs>ep.json).",
+    )
     args = parser.parse_args(argv)
 
     recipe = ["--demo", "--num_train_epochs", str(args.epochs), "--num_periods", str(args.num_periods),
@@ -57,7 +60,8 @@ def main(argv=None):
                         *SETTINGS[name]])
         report["results"][name] = json.loads((sweep_dir / "results.json").read_text())
         report["results"][name]["table"] = (sweep_dir / "results.md").read_text()
-    output = Path(args.output or f"benchmarks/results/transfer-{args.resolution}px-{args.epochs}ep.json")
+    default_name = f"transfer-{'+'.join(args.settings)}-{args.resolution}px-{args.epochs}ep.json"
+    output = Path(args.output or Path("benchmarks/results") / default_name)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")

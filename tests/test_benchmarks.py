@@ -53,6 +53,14 @@ def test_every_variant_has_raw_step_times_and_ratios(result):
     assert result["target"]["ratio"] == result["variants"]["rifle_l2sp"]["ratio_to_trainer"]["median"]
 
 
+def test_each_variant_runs_in_each_place_of_the_round_equally_often(overhead, result):
+    orders = result["round_orders"]
+    assert len(orders) == ROUNDS and all(sorted(order) == sorted(VARIANTS) for order in orders)
+    variants = sorted(VARIANTS)
+    places = [overhead.rotated(variants, round_index) for round_index in range(len(variants))]
+    assert all(sorted(column) == variants for column in zip(*places))
+
+
 def test_reinit_and_l2sp_are_timed_alone(result):
     assert result["reinit"]["median_seconds"] > 0
     assert result["l2sp"]["direct"]["median_seconds"] > 0
