@@ -391,9 +391,9 @@ def rotated(variants: list[str], round_index: int) -> list[str]:
     return variants[start:] + variants[:start]
 
 
-def run_rounds(variants: list[str], template, settings, device: str) -> tuple[dict, dict, dict]:
+def run_rounds(variants: list[str], template, settings, device: str) -> tuple[dict, dict, dict, list]:
     """Every variant once per round, the order rotated by one each round: step times and memory readings per
-    measured round, and the step times of the warm-up rounds."""
+    measured round, the step times of the warm-up rounds, and the order of each measured round."""
     dataset = SyntheticImages(
         settings.steps_per_round * settings.batch_size, settings.batch_size, settings.image_size,
         settings.num_labels, settings.seed,
@@ -401,10 +401,14 @@ def run_rounds(variants: list[str], template, settings, device: str) -> tuple[di
     warmup_seconds = {variant: [] for variant in variants}
     step_seconds = {variant: [] for variant in variants}
     memory = {variant: [] for variant in variants}
+    orders = []
     for round_index in range(-settings.warmup_rounds, settings.rounds):
         warmup = round_index < 0
         name = f"warm-up round {round_index + settings.warmup_rounds + 1}" if warmup else f"round {round_index + 1}"
-        for variant in rotated(variants, round_index):
+        order = rotated(variants, round_index)
+        if not warmup:
+            orders.append(order)
+        for variant in order:
             seconds, memory_reading = run_variant(variant, template, dataset, settings, device)
             if warmup:
                 warmup_seconds[variant].append(seconds)
@@ -413,7 +417,7 @@ def run_rounds(variants: list[str], template, settings, device: str) -> tuple[di
                 memory[variant].append(memory_reading)
             print(f"{name} {variant}: median step {statistics.median(seconds) * 1e3:.1f} ms", file=sys.stderr)
     release_memory(device)
-    return step_seconds, memory, warmup_seconds
+    return step_seconds, memory, warmup_seconds, orders
 
 
 def run(settings: argparse.Namespace) -> dict:
@@ -425,7 +429,7 @@ def run(settings: argparse.Namespace) -> dict:
     if settings.l2sp_impl == "both":
         variants.append("rifle_l2sp_autograd")
     template = build_model(settings.model, settings.num_labels, settings.seed)
-    step_seconds, memory, warmup_seconds = run_rounds(variants, template, settings, device)
+    step_seconds, memory, warmup_seconds, round_orders = run_rounds(variants, template, settings, device)
     model_info, alone = measure_alone(template, settings, device)
 
     results = {}
@@ -450,7 +454,7 @@ def run(settings: argparse.Namespace) -> dict:
         "machine": machine_info(device),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(settings).items()},
         "timed_step_indices": timed_step_indices(settings),
-        "round_orders": [rotated(variants, round_index) for round_index in range(settings.rounds)],
+        "round_orders": round_orders,
         "model": model_info,
         "memory_metric": "cuda_max_memory_allocated" if device == "cuda" else "cpu_rss_growth",
         "variants": results,

@@ -56,6 +56,7 @@ def test_every_variant_has_raw_step_times_and_ratios(result):
 def test_each_variant_runs_in_each_place_of_the_round_equally_often(overhead, result):
     orders = result["round_orders"]
     assert len(orders) == ROUNDS and all(sorted(order) == sorted(VARIANTS) for order in orders)
+    assert orders[1] == orders[0][1:] + orders[0][:1]  # the recorded order rotates by one
     variants = sorted(VARIANTS)
     places = [overhead.rotated(variants, round_index) for round_index in range(len(variants))]
     assert all(sorted(column) == variants for column in zip(*places))
