@@ -58,15 +58,14 @@ from hf_rifle import (
     RifleConfig,
     RifleTrainer,
     RifleTrainerCallback,
-    clear_optimizer_state_,
+    add_l2sp_gradient_,
     find_head,
-    head_seed,
     l2sp_penalty,
-    reinit_head_,
+    reinit_head_at_period_start_,
     reinit_steps,
     split_backbone_and_head,
 )
-from hf_rifle.regularizers import add_l2sp_gradient_, snapshot
+from hf_rifle.regularizers import snapshot
 
 BASELINE = "trainer"
 TARGET_VARIANT = "rifle_l2sp"
@@ -87,10 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-labels", type=int, default=100, help="classes of the new head")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of one run per variant; ratios are taken per round")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds of one run per variant; ratios are taken per round"
+    )
     parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds run first and left out of the statistics")
-    parser.add_argument("--steps-per-round", type=int, default=6, help="optimizer steps of each variant's run in a round")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps of every run left out of the statistics")
+    parser.add_argument(
+        "--steps-per-round", type=int, default=6, help="optimizer steps of each variant's run in a round"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=2, help="first steps of every run left out of the statistics"
+    )
     parser.add_argument("--num-periods", type=int, default=2, help="RIFLE's K: each run re-initializes K-1 times")
     parser.add_argument("--micro-repeats", type=int, default=10, help="repeats of the re-init and L2-SP timings alone")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
@@ -104,7 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--target-ratio", type=float, default=1.02, help="RIFLE+L2-SP step time / Trainer's to meet")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, help="JSON path; default benchmarks/results/overhead-<model>-<device>.json")
+    parser.add_argument(
+        "--output", type=Path, help="JSON path; default benchmarks/results/overhead-<model>-<device>.json"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: the ratio's spread needs at least two rounds.")
@@ -213,7 +220,9 @@ def build_trainer(variant: str, model, dataset, settings, device: str, recorder:
     """The variant's trainer with `recorder` as its first callback, ahead of `RifleTrainerCallback`."""
     shared = training_kwargs(settings, device, output_dir)
     if variant in ("rifle_l2sp", "rifle_l2sp_autograd"):
-        args = RifleConfig(**shared, num_periods=settings.num_periods, regularizer="l2sp", l2sp_alpha=0.01, l2sp_beta=0.01)
+        args = RifleConfig(
+            **shared, num_periods=settings.num_periods, regularizer="l2sp", l2sp_alpha=0.01, l2sp_beta=0.01
+        )
         trainer_class = AutogradL2SPTrainer if variant == "rifle_l2sp_autograd" else RifleTrainer
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
     else:
@@ -282,8 +291,9 @@ def time_repeats(function, repeats: int, synchronize, prepare) -> list[float]:
 
 
 def time_reinit(model, settings, device: str) -> list[float]:
-    """One re-initialization as the callback does it: re-draw the head, drop its momentum. Momentum is
-    re-created before each repeat so every repeat has state to drop."""
+    """One re-initialization as the callback does it (`reinit_head_at_period_start_` at the first period
+    boundary: find the head, re-draw it, drop its momentum). Momentum is re-created before each repeat so
+    every repeat has state to drop."""
     _, head = find_head(model)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
 
@@ -292,23 +302,34 @@ def time_reinit(model, settings, device: str) -> list[float]:
             param.grad = torch.zeros_like(param)
         optimizer.step()
 
+    step = reinit_steps(settings.steps_per_round, settings.num_periods)[0]
+
     def reinit():
-        reinit_head_(head, head_seed(settings.seed, 1))
-        clear_optimizer_state_(optimizer, head.parameters())
+        reinit_head_at_period_start_(
+            model, optimizer, step, settings.steps_per_round, settings.num_periods, settings.seed
+        )
 
     return time_repeats(reinit, settings.micro_repeats, synchronizer(device), give_head_momentum)
 
 
 def time_l2sp_direct(backbone, reference, head, settings, device: str) -> list[float]:
     """`add_l2sp_gradient_` alone, into existing gradients, as RifleTrainer runs it once per optimizer step."""
-    return time_repeats(lambda: add_l2sp_gradient_(backbone, reference, head, 0.01, 0.01), settings.micro_repeats,
-                        synchronizer(device), lambda: give_zero_gradients(backbone + head))
+    return time_repeats(
+        lambda: add_l2sp_gradient_(backbone, reference, head, 0.01, 0.01),
+        settings.micro_repeats,
+        synchronizer(device),
+        lambda: give_zero_gradients(backbone + head),
+    )
 
 
 def time_l2sp_autograd(backbone, reference, head, settings, device: str) -> list[float]:
     """The before: the penalty's forward and backward, accumulating into existing gradients."""
-    return time_repeats(lambda: l2sp_penalty(backbone, reference, head, 0.01, 0.01).backward(), settings.micro_repeats,
-                        synchronizer(device), lambda: give_zero_gradients(backbone + head))
+    return time_repeats(
+        lambda: l2sp_penalty(backbone, reference, head, 0.01, 0.01).backward(),
+        settings.micro_repeats,
+        synchronizer(device),
+        lambda: give_zero_gradients(backbone + head),
+    )
 
 
 def give_zero_gradients(params) -> None:
@@ -395,8 +416,11 @@ def run_rounds(variants: list[str], template, settings, device: str) -> tuple[di
     """Every variant once per round, the order rotated by one each round: step times and memory readings per
     measured round, the step times of the warm-up rounds, and the order of each measured round."""
     dataset = SyntheticImages(
-        settings.steps_per_round * settings.batch_size, settings.batch_size, settings.image_size,
-        settings.num_labels, settings.seed,
+        settings.steps_per_round * settings.batch_size,
+        settings.batch_size,
+        settings.image_size,
+        settings.num_labels,
+        settings.seed,
     )
     warmup_seconds = {variant: [] for variant in variants}
     step_seconds = {variant: [] for variant in variants}
@@ -460,7 +484,10 @@ def run(settings: argparse.Namespace) -> dict:
         "variants": results,
         **alone,
         "target": {
-            "variant": TARGET_VARIANT, "max_ratio": settings.target_ratio, "ratio": ratio, "met": ratio <= settings.target_ratio
+            "variant": TARGET_VARIANT,
+            "max_ratio": settings.target_ratio,
+            "ratio": ratio,
+            "met": ratio <= settings.target_ratio,
         },
     }
 
@@ -469,7 +496,8 @@ def markdown_report(result: dict) -> str:
     """The results as a Markdown table, with the timings alone and the target check underneath."""
     memory = "RSS growth" if result["memory_metric"] == "cpu_rss_growth" else "peak CUDA alloc"
     lines = [
-        f"| variant | median step (ms) | images/s | ratio to Trainer (median) | IQR | min–max | {memory} (MiB) | extra (MiB) |",
+        "| variant | median step (ms) | images/s | ratio to Trainer (median) | IQR | min–max "
+        f"| {memory} (MiB) | extra (MiB) |",
         "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: |",
     ]
     for variant in result["variants"].values():
@@ -483,7 +511,7 @@ def markdown_report(result: dict) -> str:
     l2sp, target = result["l2sp"], result["target"]
     lines += [
         "",
-        f"- one re-init (reinit_head_ + clear_optimizer_state_): {result['reinit']['median_seconds'] * 1e3:.2f} ms",
+        f"- one re-init (reinit_head_at_period_start_): {result['reinit']['median_seconds'] * 1e3:.2f} ms",
         f"- L2-SP gradient added directly, alone: {l2sp['direct']['median_seconds'] * 1e3:.2f} ms "
         f"= {l2sp['direct']['fraction_of_trainer_step']:.2%} of a Trainer step",
     ]

@@ -2,7 +2,7 @@
 fine-tuned on few-shot real handwritten digits, L2 / L2 + RIFLE / L2-SP / L2-SP + RIFLE, same seeds for
 every method, evaluated on a held-out test split.
 
-Each setting is a `hf_rifle.reproduce` sweep (so runs are resumable and share seeds), with the paper's
+Each setting is a `hf_rifle.paper.sweeps` sweep (so runs are resumable and share seeds), with the paper's
 optimisation at a resolution that fits 2 CPU cores: SGD momentum 0.9, lr 0.01, cosine, K=3, 40 epochs, 56 px.
 
     python benchmarks/transfer.py                       # sklearn-10, 5 seeds: 30 minutes on 2 (shared) cores
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hf_rifle import reproduce
+from hf_rifle.paper import sweeps
 
 SETTINGS = {  # name -> recipe flags selecting the data
     "sklearn-10": ["--demo_source", "sklearn", "--samples_per_class", "10"],
@@ -34,30 +34,64 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=["sklearn-10"], choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--num_periods", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=40, help="the paper's 40: shorter runs leave RIFLE's head unconverged")
+    parser.add_argument(
+        "--epochs", type=int, default=40, help="the paper's 40: shorter runs leave RIFLE's head unconverged"
+    )
     parser.add_argument("--resolution", type=int, default=56, help="Crop size; images are resized to 8/7 of it.")
     parser.add_argument("--runs_dir", default="outputs/transfer")
     parser.add_argument(
-        "--output", default=None,
+        "--output",
+        default=None,
         help="JSON summary (default: benchmarks/results/transfer-<settings>-<res>px-<epochs>ep.json).",
     )
     args = parser.parse_args(argv)
 
-    recipe = ["--demo", "--num_train_epochs", str(args.epochs), "--num_periods", str(args.num_periods),
-              "--crop_size", str(args.resolution), "--resize_size", str(round(args.resolution * 8 / 7)),
-              "--save_strategy", "no", "--disable_tqdm", "True", "--log_level", "warning"]
+    recipe = [
+        "--demo",
+        "--num_train_epochs",
+        str(args.epochs),
+        "--num_periods",
+        str(args.num_periods),
+        "--crop_size",
+        str(args.resolution),
+        "--resize_size",
+        str(round(args.resolution * 8 / 7)),
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "True",
+        "--log_level",
+        "warning",
+    ]
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        },
         "settings": vars(args),
         "results": {},
     }
     for name in args.settings:
         sweep_dir = Path(args.runs_dir) / f"{name}-{args.resolution}px-{args.epochs}ep"
-        reproduce.main(["--methods", "original", "rifle", "--seeds", *map(str, args.seeds), "--sweep_dir",
-                        str(sweep_dir), "--dataset_label", f"digits {name}, {args.epochs} epochs", "--", *recipe,
-                        *SETTINGS[name]])
+        sweeps.main(
+            [
+                "--methods",
+                "original",
+                "rifle",
+                "--seeds",
+                *map(str, args.seeds),
+                "--sweep_dir",
+                str(sweep_dir),
+                "--dataset_label",
+                f"digits {name}, {args.epochs} epochs",
+                "--",
+                *recipe,
+                *SETTINGS[name],
+            ]
+        )
         report["results"][name] = json.loads((sweep_dir / "results.json").read_text())
         report["results"][name]["table"] = (sweep_dir / "results.md").read_text()
     default_name = f"transfer-{'+'.join(args.settings)}-{args.resolution}px-{args.epochs}ep.json"

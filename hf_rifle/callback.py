@@ -5,7 +5,8 @@ import logging
 from transformers import TrainerCallback
 
 from .config import HEAD_INITS, _check_choice, _check_non_negative
-from .heads import clear_optimizer_state_, find_head, head_seed, reinit_head_
+from .functional import reinit_head_at_period_start_
+from .heads import find_head
 from .schedule import period_starts
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,17 @@ class RifleTrainerCallback(TrainerCallback):
         head_init_std: standard deviation for `head_init="normal"`.
         reset_optimizer_state: clear the head's optimizer state (momentum, Adam moments) at each re-init.
         seed: seed of the head draws; None uses `TrainingArguments.seed`.
+
+    Example:
+        Given a classifier `model` (here a tiny transformers text classifier) and its `train_dataset`:
+
+        >>> from transformers import Trainer, TrainingArguments
+        >>> from hf_rifle import RifleTrainerCallback
+        >>> args = TrainingArguments("out", num_train_epochs=3, per_device_train_batch_size=8, report_to="none")
+        >>> trainer = Trainer(model, args, train_dataset=train_dataset, callbacks=[RifleTrainerCallback(num_periods=3)])
+        >>> trainer.train().global_step  # the head is re-drawn at steps 2 and 4 of 6
+        {...}
+        6
     """
 
     def __init__(
@@ -65,13 +77,23 @@ class RifleTrainerCallback(TrainerCallback):
         find_head(model, self.head_module)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        starts = period_starts(state.max_steps, self.num_periods)
-        if state.global_step not in starts[1:]:
-            return
-        period = starts.index(state.global_step)
-        name, head = find_head(model, self.head_module)
-        seed = args.seed if self.seed is None else self.seed
-        reinit_head_(head, head_seed(seed, period), self.head_init, self.head_init_std)
-        if self.reset_optimizer_state and optimizer is not None:
-            clear_optimizer_state_(optimizer, head.parameters())
-        logger.info("RIFLE: re-initialized head %r at step %d (period %d of %d)", name, state.global_step, period + 1, self.num_periods)
+        done = reinit_head_at_period_start_(
+            model,
+            optimizer,
+            state.global_step,
+            state.max_steps,
+            self.num_periods,
+            args.seed if self.seed is None else self.seed,
+            head_module=self.head_module,
+            head_init=self.head_init,
+            head_init_std=self.head_init_std,
+            reset_optimizer_state=self.reset_optimizer_state,
+        )
+        if done:
+            logger.info(
+                "RIFLE: re-initialized head %r at step %d (period %d of %d)",
+                done.head_name,
+                done.step,
+                done.period,
+                done.num_periods,
+            )

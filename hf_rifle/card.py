@@ -1,6 +1,10 @@
 """What a RIFLE run reports: final metrics, a learning-curve plot and a model card, all read off the
-Trainer's `log_history`, so a card can be written for any finished `RifleTrainer` run."""
+Trainer's `log_history`, so a card can be written for any finished `RifleTrainer` run.
 
+The plot needs matplotlib, which the core does not require: without it the card says how to get the plot.
+"""
+
+import importlib.util
 from importlib.resources import files
 from pathlib import Path
 
@@ -9,8 +13,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import RifleConfig
 
-CARD_TEMPLATE = files("hf_rifle.model_cards") / "rifle_image_classifier.md"
+CARD_TEMPLATE_NAME = "rifle_image_classifier.md"
 PLOT_FILE = "learning_curve.png"
+NO_PLOT_NOTE = "No learning-curve plot: matplotlib was not installed (`pip install matplotlib` adds it to later runs)."
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
 
 
@@ -22,13 +27,28 @@ def final_metrics(log_history: list[dict]) -> dict[str, dict[str, float]]:
         if logged:
             last = logged[-1]
             results[split] = {
-                metric: last[f"{prefix}_{metric}"] for metric in ("accuracy", "top5_accuracy") if f"{prefix}_{metric}" in last
+                metric: last[f"{prefix}_{metric}"]
+                for metric in ("accuracy", "top5_accuracy")
+                if f"{prefix}_{metric}" in last
             }
     return results
 
 
-def plot_learning_curve(log_history: list[dict], reinit_steps: list[int], path) -> Path:
-    """Training loss and validation accuracy against the optimizer step, a dashed line at each re-init."""
+def card_template() -> Path:
+    """The card template: installed as `hf_rifle.model_cards`; in a source checkout, `model_cards/` beside
+    the package."""
+    if importlib.util.find_spec("hf_rifle.model_cards") is not None:
+        return Path(str(files("hf_rifle.model_cards") / CARD_TEMPLATE_NAME))
+    return Path(__file__).resolve().parent.parent / "model_cards" / CARD_TEMPLATE_NAME
+
+
+def plot_learning_curve(log_history: list[dict], reinit_steps: list[int], path) -> Path | None:
+    """Training loss and validation accuracy against the optimizer step, a dashed line at each re-init.
+
+    Returns None, writing nothing, when matplotlib is not installed.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +66,9 @@ def plot_learning_curve(log_history: list[dict], reinit_steps: list[int], path) 
         accuracy_axis.plot(*zip(*accuracies), "o-", color="tab:green", label="validation accuracy")
     accuracy_axis.set_ylabel("validation top-1 accuracy", color="tab:green")
     for i, step in enumerate(reinit_steps):
-        loss_axis.axvline(step, color="tab:red", linestyle="--", linewidth=1, label="head re-initialized" if i == 0 else None)
+        loss_axis.axvline(
+            step, color="tab:red", linestyle="--", linewidth=1, label="head re-initialized" if i == 0 else None
+        )
     handles = [h for axis in (loss_axis, accuracy_axis) for h in axis.get_legend_handles_labels()[0]]
     if handles:
         loss_axis.legend(handles=handles, loc="center right")
@@ -97,7 +119,7 @@ def render_model_card(
     )
     return ModelCard.from_template(
         card_data,
-        template_path=str(CARD_TEMPLATE),
+        template_path=str(card_template()),
         model_name=repo_id.split("/")[-1],
         method=args.method,
         regularizer_name="L2-SP" if args.regularizer == "l2sp" else "L2",
@@ -108,6 +130,7 @@ def render_model_card(
             for split, values in metrics.items()
         ],
         plot_file=plot_file,
+        no_plot_note=NO_PLOT_NOTE,
         settings=run_settings(args),
         reinit_steps=", ".join(map(str, reinit_steps)) or "none",
         max_steps=max_steps,
@@ -123,7 +146,12 @@ def run_settings(args: RifleConfig) -> list[tuple[str, str]]:
         ("method", args.method),
         ("periods K", str(args.num_periods)),
         ("head re-initialization", head_init if args.reinit_head else "off"),
-        ("head learning rate", "cyclic cosine, restarting every period" if args.head_lr_schedule == "cyclic_cosine" else "Trainer's schedule"),
+        (
+            "head learning rate",
+            "cyclic cosine, restarting every period"
+            if args.head_lr_schedule == "cyclic_cosine"
+            else "Trainer's schedule",
+        ),
         ("head optimizer state reset", str(args.reset_head_optimizer_state and args.reinit_head)),
     ]
     if args.regularizer == "l2sp":
@@ -132,8 +160,14 @@ def run_settings(args: RifleConfig) -> list[tuple[str, str]]:
         ("weight decay", str(args.weight_decay)),
         ("optimizer", f"{_plain(args.optim)} {args.optim_args or ''}".strip()),
         ("learning rate", f"{args.learning_rate} ({_plain(args.lr_scheduler_type)} schedule)"),
-        ("batch size per device x accumulation", f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"),
-        ("epochs" if args.max_steps <= 0 else "max steps", str(args.num_train_epochs if args.max_steps <= 0 else args.max_steps)),
+        (
+            "batch size per device x accumulation",
+            f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}",
+        ),
+        (
+            "epochs" if args.max_steps <= 0 else "max steps",
+            str(args.num_train_epochs if args.max_steps <= 0 else args.max_steps),
+        ),
         ("seed", str(args.seed)),
     ]
     return settings

@@ -22,6 +22,14 @@ class RifleConfig(TrainingArguments):
     no gradient clipping.
 
     Ablations: RIFLE-A = `head_lr_schedule="trainer"`; RIFLE-B = `reinit_head=False`.
+
+    Example:
+        >>> from hf_rifle import RifleConfig
+        >>> args = RifleConfig(output_dir="out", num_periods=3, regularizer="l2sp", l2sp_alpha=0.01)
+        >>> args.method, args.lr_scheduler_type.value, args.max_grad_norm
+        ('RIFLE', 'cosine', 0.0)
+        >>> RifleConfig(output_dir="out", reinit_head=False).method  # the RIFLE-B ablation
+        'RIFLE-B'
     """
 
     lr_scheduler_type: SchedulerType | str = field(
@@ -37,7 +45,9 @@ class RifleConfig(TrainingArguments):
     )
     num_periods: int = field(
         default=3,
-        metadata={"help": "K: the run is split into K equal periods; the head is re-initialized at the start of periods 2..K."},
+        metadata={
+            "help": "K: the run is split into K equal periods; the head is re-initialized at the start of periods 2..K."
+        },
     )
     reinit_head: bool = field(
         default=True,
@@ -73,7 +83,9 @@ class RifleConfig(TrainingArguments):
             "the backbone and l2sp_beta/2*||w_head||^2 on the head to the loss."
         },
     )
-    l2sp_alpha: float = field(default=0.01, metadata={"help": "L2-SP strength on the backbone's drift from its pretrained weights."})
+    l2sp_alpha: float = field(
+        default=0.01, metadata={"help": "L2-SP strength on the backbone's drift from its pretrained weights."}
+    )
     l2sp_beta: float = field(default=0.01, metadata={"help": "L2-SP strength (plain L2) on the new head."})
 
     @property
@@ -89,7 +101,9 @@ class RifleConfig(TrainingArguments):
         _check_choice("head_init", self.head_init, HEAD_INITS)
         _check_choice("regularizer", self.regularizer, REGULARIZERS)
         if self.num_periods < 1:
-            raise ValueError(f"num_periods must be >= 1, got {self.num_periods}: use 1 for a single period (no re-init).")
+            raise ValueError(
+                f"num_periods must be >= 1, got {self.num_periods}: use 1 for a single period (no re-init)."
+            )
         for name in ("l2sp_alpha", "l2sp_beta", "head_init_std"):
             _check_non_negative(name, getattr(self, name))
         super().__post_init__()

@@ -23,7 +23,7 @@ def find_head(model: nn.Module, head_module: str | None = None) -> tuple[str, nn
     """
     if head_module:
         return head_module, _named_head(model, head_module)
-    for name, module in model.named_modules():
+    for module in model.modules():
         if callable(getattr(module, "get_classifier", None)):
             head = module.get_classifier()
             if _has_parameters(head):

@@ -29,6 +29,22 @@ class RifleTrainer(Trainer):
 
     The L2-SP reference w_s is the backbone as passed in, so a run resumed with `resume_from_checkpoint`
     (built from the same pretrained model) keeps pulling towards the pretrained weights, not the checkpoint's.
+
+    Example:
+        Given a pretrained classifier `model` (here a tiny transformers text classifier) and its `train_dataset`:
+
+        >>> from hf_rifle import RifleConfig, RifleTrainer
+        >>> args = RifleConfig(
+        ...     output_dir="out", num_train_epochs=3, per_device_train_batch_size=8, learning_rate=0.01,
+        ...     num_periods=3, regularizer="l2sp", report_to="none",
+        ... )
+        >>> trainer = RifleTrainer(model=model, args=args, train_dataset=train_dataset)
+        >>> trainer.train().global_step
+        {...}
+        6
+        >>> trainer.reinit_steps()
+        [2, 4]
+        >>> trainer.create_model_card()  # README.md in output_dir, as `push_to_hub` uploads it
     """
 
     def __init__(self, model=None, args: RifleConfig | None = None, train_data_collator=None, **kwargs):
@@ -55,7 +71,8 @@ class RifleTrainer(Trainer):
         if args.reinit_head:
             if any(isinstance(cb, RifleTrainerCallback) for cb in self.callback_handler.callbacks):
                 raise ValueError(
-                    "RifleTrainer installs RifleTrainerCallback from its RifleConfig; remove the one passed in callbacks."
+                    "RifleTrainer installs RifleTrainerCallback from its RifleConfig; "
+                    "remove the one passed in callbacks."
                 )
             self.add_callback(
                 RifleTrainerCallback(
@@ -104,7 +121,8 @@ class RifleTrainer(Trainer):
         step = self.state.global_step
         period, tau, length = position_in_period(step, self.state.max_steps, self.args.num_periods)
         learning_rates = ", ".join(
-            f"{'head' if group.get(HEAD_GROUP_KEY) else 'backbone'} {group['lr']:.3g}" for group in self.optimizer.param_groups
+            f"{'head' if group.get(HEAD_GROUP_KEY) else 'backbone'} {group['lr']:.3g}"
+            for group in self.optimizer.param_groups
         )
         return (
             f"The training loss became {value} at optimizer step {step} of {self.state.max_steps}, in period "
@@ -123,7 +141,9 @@ class RifleTrainer(Trainer):
         """Optimizer steps at which this run re-initializes (or re-initialized) the head."""
         return reinit_steps(self.state.max_steps, self.args.num_periods) if self.args.reinit_head else []
 
-    def create_model_card(self, model_name=None, finetuned_from=None, dataset=None, dataset_args=None, **kwargs) -> None:
+    def create_model_card(
+        self, model_name=None, finetuned_from=None, dataset=None, dataset_args=None, **kwargs
+    ) -> None:
         """Write README.md (the model card) and the learning-curve plot into `output_dir`.
 
         `push_to_hub` calls this before uploading `output_dir`, so the card travels with the model.
@@ -133,7 +153,7 @@ class RifleTrainer(Trainer):
         output_dir = Path(self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         reinits = self.reinit_steps()
-        plot_learning_curve(self.state.log_history, reinits, output_dir / PLOT_FILE)
+        plot = plot_learning_curve(self.state.log_history, reinits, output_dir / PLOT_FILE)
         config = self.model.config
         card = render_model_card(
             self.args,
@@ -145,5 +165,6 @@ class RifleTrainer(Trainer):
             dataset=dataset[0] if isinstance(dataset, list) else dataset,
             dataset_config=dataset_args[0] if isinstance(dataset_args, list) else dataset_args,
             timm_architecture=getattr(config, "architecture", None),
+            plot_file=plot.name if plot else None,
         )
         card.save(os.path.join(output_dir, "README.md"))

@@ -1,0 +1,248 @@
+"""What the paper measures to explain RIFLE (Section 4.5, Figure 1; Section 4.6.1, Figure 2).
+
+Figure 2: the Frobenius norm of the gradient of the last 3x3 convolution of each ResNet stage, taken at the
+beginning of every epoch (`default_probe_layers`, `GradientNormCallback`, `plot_gradient_norms`).
+Figure 1: training and test accuracy per epoch of several runs, with the re-initializations marked
+(`plot_accuracy_curves`). And how far each backbone weight moved from its pretrained value
+(`weight_distance_from_pretrained`). Measurements go into the Trainer's `log_history`, so they are saved in
+`trainer_state.json` with every checkpoint and read back by the plots.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..heads import find_head
+from .stages import residual_stages
+
+GRAD_NORM_PREFIX = "grad_norm/"
+
+
+def default_probe_layers(model: nn.Module) -> list[str]:
+    """Dotted names of the last spatial convolution of four stages, as in Section 4.6.1.
+
+    ResNets: the last 3x3 convolution of each of the four residual stages (timm's `layerK[-1].conv2` for
+    Bottleneck and BasicBlock alike, `timm_model.` in front inside `TimmWrapperForImageClassification`; the
+    3x3 `convolution` of the last layer of `resnet.encoder.stages.K` in transformers' native ResNet).
+    Models with more stages (timm EfficientNets, the offline demo's model): four stages spread from the
+    second to the last, their last depthwise convolution. Other models: pass layer names yourself.
+    """
+    try:
+        stages = residual_stages(model)
+    except ValueError:
+        raise ValueError(
+            f"No ResNet or EfficientNet stages found in {type(model).__name__}, so there are no default probe layers. "
+            "Pass the layers to probe, e.g. GradientNormCallback(layers=['blocks.3.conv']) (names from "
+            "model.named_modules())."
+        ) from None
+    if len(stages) > 4:
+        last = len(stages) - 1
+        stages = [stages[round(1 + i * (last - 1) / 3)] for i in range(4)]
+    layers = []
+    for stage_name, stage in stages:
+        convs = [n for n, m in stage.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+        if not convs:
+            raise ValueError(
+                f"Stage {stage_name} of {type(model).__name__} has no spatial convolution. Pass the layers to probe "
+                "explicitly (layers=[...])."
+            )
+        layers.append(f"{stage_name}.{convs[-1]}")
+    return layers
+
+
+class GradientNormCallback(TrainerCallback):
+    """Log the Frobenius norm of the gradient of each probed layer's weight at the first optimizer step of
+    every epoch, as one `log_history` entry per epoch:
+    `{"epoch": e, "step": <optimizer steps done>, "grad_norm/<layer>": value, ...}`.
+
+    The gradient is read in `on_pre_optimizer_step`, where it is complete: accumulated over the gradient
+    accumulation micro-batches, averaged over the ranks under DDP, unscaled under fp16 (the Trainer always
+    computes the total norm first). With `max_grad_norm` > 0 it is the clipped gradient; RIFLE's default is
+    no clipping.
+
+    Stateless, so a resumed run continues correctly: the first step of an epoch is recognised by
+    `state.epoch` being a whole number (the Trainer sets it to epoch + fraction done after every step, and a
+    run resumed mid-epoch restarts from a fractional value). The entries are appended to `state.log_history`
+    (saved in `trainer_state.json`), not sent to `report_to` integrations.
+
+    Args:
+        layers: dotted module names whose `.weight` gradient is measured; None = `default_probe_layers(model)`.
+    """
+
+    def __init__(self, layers: list[str] | None = None):
+        self.layers = list(layers) if layers is not None else None
+        self._resolved = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._resolved = self.layers if self.layers is not None else default_probe_layers(model)
+        for layer in self._resolved:  # fail before the first step, not at the first measurement
+            self._weight(model, layer)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        epoch = state.epoch or 0.0
+        if not float(epoch).is_integer():
+            return
+        if self._resolved is None:
+            self._resolved = self.layers if self.layers is not None else default_probe_layers(model)
+        entry = {"epoch": epoch, "step": state.global_step}
+        for layer in self._resolved:
+            grad = self._weight(model, layer).grad
+            if grad is not None:
+                entry[f"{GRAD_NORM_PREFIX}{layer}"] = torch.linalg.vector_norm(grad.detach().float()).item()
+        if len(entry) > 2:  # frozen layers have no gradient to report
+            state.log_history.append(entry)
+
+    @staticmethod
+    def _weight(model: nn.Module, layer: str) -> torch.nn.Parameter:
+        try:
+            weight = model.get_submodule(layer).weight
+        except AttributeError:
+            raise ValueError(
+                f"Cannot probe {layer!r}: {type(model).__name__} has no such module with a weight. Use dotted names "
+                "from model.named_modules(), e.g. hf_rifle.diagnostics.default_probe_layers(model)."
+            ) from None
+        return weight
+
+
+@torch.no_grad()
+def weight_distance_from_pretrained(
+    model: nn.Module, pretrained_state_dict: dict[str, torch.Tensor], head_module: str | None = None
+) -> dict[str, float]:
+    """How far each backbone parameter moved from its pretrained value.
+
+    Returns, for every parameter tensor except the head's (which RIFLE re-draws, so it has no pretrained
+    value to compare with): `"weight_distance/<name>"`: ||w - w0|| (L2 / Frobenius), and
+    `"relative_weight_distance/<name>"`: ||w - w0|| / ||w0|| (inf if w0 = 0 and w moved). Flat keys, like
+    the Trainer's metrics, so the result can be logged or saved with `trainer.save_metrics`.
+    `pretrained_state_dict` is e.g. `{k: v.clone() for k, v in model.state_dict().items()}` taken before training.
+    """
+    _, head = find_head(model, head_module)
+    head_ids = {id(p) for p in head.parameters()}
+    distances = {}
+    for name, param in model.named_parameters():
+        if id(param) in head_ids:
+            continue
+        if name not in pretrained_state_dict:
+            example = next(iter(pretrained_state_dict), None)
+            raise KeyError(
+                f"Parameter {name!r} is not in pretrained_state_dict (its first key is {example!r}). Pass the state "
+                "dict of the same model class before training, e.g. "
+                "{k: v.clone() for k, v in model.state_dict().items()}."
+            )
+        reference = pretrained_state_dict[name].to(device=param.device, dtype=torch.float32)
+        if reference.shape != param.shape:
+            raise ValueError(
+                f"Shape of {name!r} differs: {tuple(param.shape)} now, {tuple(reference.shape)} pretrained."
+            )
+        distance = torch.linalg.vector_norm(param.float() - reference).item()
+        reference_norm = torch.linalg.vector_norm(reference).item()
+        distances[f"weight_distance/{name}"] = distance
+        distances[f"relative_weight_distance/{name}"] = (
+            distance / reference_norm if reference_norm > 0 else (0.0 if distance == 0 else math.inf)
+        )
+    return distances
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg backend: no display needed)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(log_history: list[dict], key: str) -> list[tuple[float, float]]:
+    return [(entry["epoch"], entry[key]) for entry in log_history if key in entry and "epoch" in entry]
+
+
+def _step_to_epoch(log_history: list[dict], steps: list[int]) -> list[float]:
+    """Epoch positions of optimizer steps, interpolated from the (step, epoch) pairs of the log."""
+    import numpy as np
+
+    pairs = sorted({(entry["step"], entry["epoch"]) for entry in log_history if "step" in entry and "epoch" in entry})
+    if len(pairs) < 2:
+        return []
+    known_steps, known_epochs = zip(*pairs)
+    return [float(np.interp(step, known_steps, known_epochs)) for step in steps]
+
+
+def plot_accuracy_curves(runs: dict[str, list[dict]], reinit_steps: dict[str, list[int]] | None, path) -> Path:
+    """Figure 1: per run, training accuracy (`train_accuracy`; the training loss when a run did not log it)
+    and validation accuracy (`eval_accuracy`, plus `test_accuracy` dashed when logged) against the epoch,
+    side by side, with a dotted line in the run's colour at each of its head re-initializations.
+
+    Args:
+        runs: run label -> that run's `trainer.state.log_history` (or trainer_state.json's "log_history").
+        reinit_steps: run label -> optimizer steps of its re-inits (`RifleTrainer.reinit_steps()`); may omit runs.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    reinit_steps = reinit_steps or {}
+    train_key = "train_accuracy" if all(_series(h, "train_accuracy") for h in runs.values()) else "loss"
+    figure, (train_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, history) in enumerate(runs.items()):
+        color = colors[i % len(colors)]
+        if series := _series(history, train_key):
+            train_axis.plot(*zip(*series), color=color, label=label)
+        if series := _series(history, "eval_accuracy"):
+            eval_axis.plot(*zip(*series), "o-", color=color, markersize=3, label=f"{label} (validation)")
+        if series := _series(history, "test_accuracy"):
+            eval_axis.plot(*zip(*series), "s--", color=color, markersize=3, label=f"{label} (test)")
+        for epoch in _step_to_epoch(history, reinit_steps.get(label, [])):
+            for axis in (train_axis, eval_axis):
+                axis.axvline(epoch, color=color, linestyle=":", linewidth=1)
+    train_axis.set_title("training accuracy" if train_key == "train_accuracy" else "training loss")
+    train_axis.set_ylabel("top-1 accuracy" if train_key == "train_accuracy" else "loss")
+    eval_axis.set_title("validation / test accuracy (dotted: head re-initialized)")
+    eval_axis.set_ylabel("top-1 accuracy")
+    for axis in (train_axis, eval_axis):
+        axis.set_xlabel("epoch")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_gradient_norms(runs: dict[str, list[dict]], path, log_scale: bool = False) -> Path:
+    """Figure 2: the gradient norm of each probed layer against the epoch, one panel per layer (input side
+    first), one line per run. Reads the `grad_norm/<layer>` entries that `GradientNormCallback` logs.
+    """
+    layers = []
+    for history in runs.values():
+        for entry in history:
+            for key in entry:
+                if key.startswith(GRAD_NORM_PREFIX) and key not in layers:
+                    layers.append(key)
+    if not layers:
+        raise ValueError("No grad_norm/<layer> entries in these runs: train them with GradientNormCallback().")
+    plt = _pyplot()
+    columns = min(len(layers), 4)
+    rows = math.ceil(len(layers) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
+    for axis, key in zip(axes.flat, layers):
+        for label, history in runs.items():
+            if series := _series(history, key):
+                axis.plot(*zip(*series), "o-", markersize=3, label=label)
+        axis.set_title(key[len(GRAD_NORM_PREFIX) :], fontsize=9)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("||gradient||_F")
+        if log_scale:
+            axis.set_yscale("log")
+        axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(layers) :]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)

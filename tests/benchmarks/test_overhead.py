@@ -1,0 +1,140 @@
+"""Smoke test of benchmarks/overhead.py: a tiny run of its main, checked through the JSON it writes."""
+
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+OVERHEAD_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+VARIANTS = {"trainer", "rifle_l2sp", "trainer_callback"}
+ROUNDS, STEPS = 2, 3
+
+
+def load_overhead():
+    """benchmarks/ is no package, so the script is imported from its path."""
+    spec = importlib.util.spec_from_file_location("overhead", OVERHEAD_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    return load_overhead()
+
+
+@pytest.fixture(scope="module")
+def result(overhead, tmp_path_factory):
+    output = tmp_path_factory.mktemp("overhead") / "o.json"
+    overhead.main(
+        [
+            "--model",
+            "test_resnet",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--rounds",
+            str(ROUNDS),
+            "--steps-per-round",
+            str(STEPS),
+            "--warmup-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+        ]
+    )
+    return json.loads(output.read_text())
+
+
+def test_every_variant_has_raw_step_times_and_ratios(result):
+    assert set(result["variants"]) == VARIANTS
+    for variant in result["variants"].values():
+        assert len(variant["step_seconds"]) == ROUNDS
+        assert all(len(steps) == STEPS and all(t > 0 for t in steps) for steps in variant["step_seconds"])
+        assert variant["median_step_seconds"] > 0 and variant["images_per_second"] > 0
+        ratio = variant["ratio_to_trainer"]
+        assert len(ratio["per_round"]) == ROUNDS and all(r > 0 for r in ratio["per_round"])
+        assert ratio["min"] <= ratio["q1"] <= ratio["median"] <= ratio["q3"] <= ratio["max"]
+        assert len(variant["memory_bytes_per_round"]) == ROUNDS
+        assert len(variant["warmup_round_step_seconds"]) == 1
+    assert result["variants"]["trainer"]["ratio_to_trainer"]["per_round"] == [1.0] * ROUNDS
+    assert result["target"]["ratio"] == result["variants"]["rifle_l2sp"]["ratio_to_trainer"]["median"]
+
+
+def test_each_variant_runs_in_each_place_of_the_round_equally_often(overhead, result):
+    orders = result["round_orders"]
+    assert len(orders) == ROUNDS and all(sorted(order) == sorted(VARIANTS) for order in orders)
+    assert orders[1] == orders[0][1:] + orders[0][:1]  # the recorded order rotates by one
+    variants = sorted(VARIANTS)
+    places = [overhead.rotated(variants, round_index) for round_index in range(len(variants))]
+    assert all(sorted(column) == variants for column in zip(*places))
+
+
+def test_reinit_and_l2sp_are_timed_alone(result):
+    assert result["reinit"]["median_seconds"] > 0
+    assert result["l2sp"]["direct"]["median_seconds"] > 0
+    assert result["l2sp"]["direct"]["fraction_of_trainer_step"] > 0
+
+
+def test_l2sp_reference_bytes_are_the_backbone_parameter_bytes(result):
+    model = TimmWrapperForImageClassification(
+        TimmWrapperConfig(architecture="test_resnet", num_labels=result["settings"]["num_labels"])
+    )
+    head_prefix = result["model"]["head_module"] + "."
+    assert head_prefix == "timm_model.fc."
+    backbone_bytes = sum(
+        p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith(head_prefix)
+    )
+    assert result["l2sp"]["reference_bytes"] == backbone_bytes
+
+
+def test_json_records_the_machine_and_settings(result):
+    assert result["machine"]["device"] == "cpu" and result["machine"]["cpu_count"] >= 1
+    assert result["machine"]["torch"] == torch.__version__
+    assert result["settings"]["model"] == "test_resnet" and result["date"]
+
+
+def test_autograd_reference_trainer_gives_the_same_update_as_rifle_trainer(overhead, tmp_path):
+    """The 'before' the benchmark compares against must train the same model: penalty in the loss vs its
+    gradient added directly."""
+    from unittest import mock
+
+    import hf_rifle.trainer
+    from hf_rifle import RifleConfig, RifleTrainer
+
+    from ..helpers import RandomImages, timm_wrapper_resnet
+
+    def trained(trainer_class, direct_gradient):
+        model = timm_wrapper_resnet()
+        args = RifleConfig(
+            output_dir=str(tmp_path),
+            max_steps=3,
+            num_periods=1,
+            regularizer="l2sp",
+            l2sp_alpha=0.5,
+            l2sp_beta=0.5,
+            optim="sgd",
+            learning_rate=0.1,
+            per_device_train_batch_size=4,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        with direct_gradient:
+            trainer_class(model=model, args=args, train_dataset=RandomImages()).train()
+        return list(model.parameters())
+
+    after = trained(RifleTrainer, contextlib.nullcontext())
+    before = trained(
+        overhead.AutogradL2SPTrainer, mock.patch.object(hf_rifle.trainer, "add_l2sp_gradient_", lambda *a: None)
+    )
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

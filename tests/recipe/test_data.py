@@ -1,0 +1,331 @@
+import pickle
+import re
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+from hf_rifle.recipe.data import (
+    DataArguments,
+    ImageClassificationTransform,
+    apply_transforms,
+    build_transforms,
+    class_balanced_subset,
+    collate_fn,
+    detect_columns,
+    encode_labels,
+    label_names,
+    load_splits,
+)
+from hf_rifle.recipe.demo import digits_demo_splits, load_demo_splits
+
+from ..helpers import CLASSES, write_image_folders
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return write_image_folders(tmp_path / "images")
+
+
+def load_folders(tmp_path, seed=0, **arguments):
+    return load_splits(DataArguments(**arguments), seed=seed, cache_dir=str(tmp_path / "cache"))
+
+
+def image_paths(dataset):
+    return [image["path"] for image in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+def class_counts(dataset, label_column="label"):
+    return np.bincount(dataset.with_format("numpy")[label_column][:])
+
+
+# DataArguments
+
+
+def test_arguments_parse_from_the_command_line():
+    parser = HfArgumentParser(DataArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--dataset_name", "ethz/food101", "--samples_per_class", "30", "--train_val_split", "0.1"]
+    )
+    assert (args.dataset_name, args.samples_per_class, args.train_val_split) == ("ethz/food101", 30, 0.1)
+    assert (args.resize_size, args.crop_size, args.dataset_revision, args.demo) == (256, 224, None, False)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({}, "No data given"),
+        ({"dataset_name": "beans", "train_dir": "x"}, "not both"),
+        ({"demo": True, "dataset_name": "beans"}, "--demo"),
+        ({"validation_dir": "x", "dataset_name": "beans"}, "not both"),
+        ({"demo": True, "train_val_split": 1.0}, "train_val_split"),
+        ({"demo": True, "samples_per_class": 0}, "samples_per_class"),
+        ({"demo": True, "crop_size": 300}, "crop_size"),
+        ({"demo": True, "samples_per_class": 5, "max_train_samples": 10}, "pass only one"),
+        ({"demo": True, "demo_source": "emnist"}, "demo_source"),
+    ],
+)
+def test_invalid_arguments_are_rejected(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        DataArguments(**arguments)
+
+
+# Loading local folders
+
+
+def test_local_folders_keep_train_validation_and_test(tmp_path, folders):
+    splits = load_folders(
+        tmp_path,
+        train_dir=str(folders["train"]),
+        validation_dir=str(folders["validation"]),
+        test_dir=str(folders["test"]),
+    )
+    assert {name: len(split) for name, split in splits.items()} == {"train": 12, "validation": 4, "test": 6}
+    assert label_names(splits["train"].features, "label") == list(CLASSES)
+    assert splits["test"][0]["image"].size == (16, 12)
+
+
+def test_missing_validation_is_carved_out_of_train_stratified_and_seeded(tmp_path, folders):
+    splits = load_folders(
+        tmp_path, train_dir=str(folders["train"]), test_dir=str(folders["test"]), train_val_split=1 / 3
+    )
+    assert set(splits) == {"train", "validation", "test"}
+    assert class_counts(splits["train"]).tolist() == [4, 4]
+    assert class_counts(splits["validation"]).tolist() == [2, 2]
+    assert not set(image_paths(splits["train"])) & set(image_paths(splits["validation"]))
+    again = load_folders(tmp_path, train_dir=str(folders["train"]), train_val_split=1 / 3)
+    assert image_paths(again["validation"]) == image_paths(splits["validation"])
+
+
+def test_samples_per_class_and_max_eval_samples(tmp_path, folders):
+    splits = load_folders(
+        tmp_path,
+        train_dir=str(folders["train"]),
+        validation_dir=str(folders["validation"]),
+        test_dir=str(folders["test"]),
+        samples_per_class=3,
+        max_eval_samples=3,
+    )
+    assert class_counts(splits["train"]).tolist() == [3, 3]
+    assert (len(splits["validation"]), len(splits["test"])) == (3, 3)
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--train_dir .*nowhere"):
+        load_folders(tmp_path, train_dir=str(tmp_path / "nowhere"))
+
+
+def test_truncated_image_in_a_local_folder_is_named_when_loading(tmp_path, folders):
+    broken = folders["validation"] / "dog" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    with pytest.raises(OSError, match=f"Cannot read image {re.escape(str(broken))}: "):
+        load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
+
+
+def test_an_image_that_breaks_later_is_named_when_read(tmp_path, folders):
+    splits = load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
+    broken = folders["train"] / "dog" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    train_tf, eval_tf = build_transforms(MEAN, STD, resize_size=16, crop_size=8)
+    transformed = apply_transforms(splits, "image", "label", train_tf, eval_tf)
+    with pytest.raises(OSError, match=f"Cannot read image {re.escape(str(broken))}: "):
+        for index in range(len(transformed["train"])):
+            transformed["train"][index]
+
+
+# Column detection
+
+
+def features_of(**columns):
+    return datasets.Features(columns)
+
+
+IMAGE = datasets.Image()
+
+
+def labels(*names):
+    return datasets.ClassLabel(names=list(names))
+
+
+@pytest.mark.parametrize(
+    "features, expected",
+    [
+        (features_of(image=IMAGE, label=labels("a", "b")), ("image", "label")),
+        (features_of(photo=IMAGE, species=labels("a", "b")), ("photo", "species")),  # found by feature type
+        (  # CIFAR-100: fine labels are the task, coarse_label is not a label candidate
+            features_of(img=IMAGE, fine_label=labels("a", "b"), coarse_label=labels("x", "y")),
+            ("img", "fine_label"),
+        ),
+        (features_of(image=IMAGE, target=datasets.Value("int64"), id=datasets.Value("int64")), ("image", "target")),
+        (features_of(thumbnail=IMAGE, image=IMAGE, label=labels("a", "b")), ("image", "label")),  # found by name
+    ],
+)
+def test_columns_are_detected(features, expected):
+    assert detect_columns(features) == expected
+
+
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        (features_of(image=IMAGE, species=labels("a", "b"), breed=labels("c", "d")), "several .*species, breed"),
+        (features_of(image=IMAGE, label=labels("a", "b"), category=labels("c", "d")), "several .*label, category"),
+        (features_of(image=IMAGE, score=datasets.Value("float32")), "no column looks like one"),
+        (features_of(front=IMAGE, back=IMAGE, label=labels("a", "b")), "several columns .*front, back"),
+    ],
+)
+def test_ambiguous_or_missing_columns_ask_for_a_flag(features, message):
+    with pytest.raises(ValueError, match=message) as error:
+        detect_columns(features)
+    assert "Columns: " in str(error.value) and "_column_name" in str(error.value)
+
+
+def test_unknown_column_name_lists_the_columns():
+    features = features_of(image=IMAGE, label=labels("a", "b"))
+    with pytest.raises(ValueError, match=r"--label_column_name 'lable' .*image \(Image\), label \(ClassLabel with 2"):
+        detect_columns(features, label_column="lable")
+
+
+def test_label_column_of_the_wrong_type_is_rejected():
+    features = features_of(image=IMAGE, label=datasets.Value("float32"))
+    with pytest.raises(ValueError, match="'label' is Value float32"):
+        detect_columns(features)
+
+
+def test_image_column_must_be_an_image_feature():
+    features = features_of(image=datasets.Value("string"), label=labels("a", "b"))
+    with pytest.raises(ValueError, match="'image' is Value string, not an Image"):
+        detect_columns(features, image_column="image")
+
+
+# Label encoding
+
+
+def test_string_labels_share_one_mapping_across_splits():
+    splits = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"label": ["dog", "cat", "dog"]}),
+        validation=datasets.Dataset.from_dict({"label": ["emu", "cat"]}),
+    )
+    encoded = encode_labels(splits, "label")
+    assert label_names(encoded["validation"].features, "label") == ["cat", "dog", "emu"]
+    assert encoded["train"]["label"][:] == [1, 0, 1]
+    assert encoded["validation"]["label"][:] == [2, 0]
+
+
+def test_integer_labels_are_named_by_their_value():
+    splits = datasets.DatasetDict(train=datasets.Dataset.from_dict({"label": [0, 3, 1]}))
+    assert label_names(encode_labels(splits, "label")["train"].features, "label") == ["0", "1", "2", "3"]
+
+
+def test_a_single_class_is_rejected():
+    splits = datasets.DatasetDict(train=datasets.Dataset.from_dict({"label": ["cat", "cat"]}))
+    with pytest.raises(ValueError, match="at least 2"):
+        encode_labels(splits, "label")
+
+
+# Class-balanced subsets
+
+
+@pytest.fixture
+def unbalanced():
+    label_ids = [0] * 10 + [1] * 7 + [2] * 5
+    return datasets.Dataset.from_dict(
+        {"row": list(range(len(label_ids))), "label": label_ids},
+        features=datasets.Features(row=datasets.Value("int64"), label=labels("apple", "pear", "fig")),
+    )
+
+
+def test_class_balanced_subset_has_exact_counts_and_is_seeded(unbalanced):
+    subset = class_balanced_subset(unbalanced, "label", 4, seed=1)
+    assert class_counts(subset).tolist() == [4, 4, 4]
+    assert subset["row"][:] == class_balanced_subset(unbalanced, "label", 4, seed=1)["row"][:]
+    assert subset["row"][:] != class_balanced_subset(unbalanced, "label", 4, seed=2)["row"][:]
+
+
+def test_class_balanced_subset_names_the_short_classes(unbalanced):
+    with pytest.raises(ValueError, match=r"8 images per class .*'pear' \(7\), 'fig' \(5\)"):
+        class_balanced_subset(unbalanced, "label", 8, seed=0)
+
+
+# Transforms and collation
+
+
+def test_transforms_resize_crop_and_normalize_grayscale_images():
+    train_tf, eval_tf = build_transforms(MEAN, STD)
+    gray = PIL.Image.fromarray(np.full((8, 10), 51, dtype=np.uint8))
+    expected = (0.2 - torch.tensor(MEAN)) / torch.tensor(STD)
+    for transform in (train_tf, eval_tf):
+        pixels = transform(gray)
+        assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.float32
+        torch.testing.assert_close(pixels.mean(dim=(1, 2)), expected)
+
+
+def test_eval_transform_is_a_deterministic_center_crop():
+    _, eval_tf = build_transforms(MEAN, STD, resize_size=32, crop_size=16)
+    ramp = PIL.Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))
+    first, second = eval_tf(ramp), eval_tf(ramp)
+    assert first.shape == (3, 16, 16)
+    torch.testing.assert_close(first, second)
+    assert first[0, 0, 0] < first[0, 0, -1]  # not flipped
+
+
+def test_transformed_splits_collate_into_a_batch():
+    splits = digits_demo_splits(samples_per_class=2, seed=0, validation_per_class=1, test_per_class=1)
+    train_tf, eval_tf = build_transforms(MEAN, STD, resize_size=32, crop_size=28)
+    image_col, label_col = detect_columns(splits["train"].features)
+    transformed = apply_transforms(splits, image_col, label_col, train_tf, eval_tf)
+    batch = collate_fn([transformed["train"][index] for index in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 28, 28)
+    assert batch["labels"].dtype == torch.long
+    assert batch["labels"].tolist() == splits["train"]["label"][:4]
+    assert "image" in splits["train"][0]  # the input splits are left untouched
+
+
+def test_example_transform_survives_pickling_for_dataloader_workers():
+    train_tf, _ = build_transforms(MEAN, STD, resize_size=16, crop_size=8)
+    restored = pickle.loads(pickle.dumps(ImageClassificationTransform("image", "label", train_tf)))
+    assert restored.image_column == "image"
+
+
+# Offline digits demo
+
+
+@pytest.mark.parametrize("source, side", [("sklearn", 8), ("mnist", 28)])
+def test_digits_demo_splits_are_balanced_disjoint_and_real(source, side):
+    splits = digits_demo_splits(samples_per_class=5, seed=0, source=source, validation_per_class=3, test_per_class=4)
+    assert {name: len(split) for name, split in splits.items()} == {"train": 50, "validation": 30, "test": 40}
+    for name, per_class in (("train", 5), ("validation", 3), ("test", 4)):
+        assert class_counts(splits[name]).tolist() == [per_class] * 10
+    assert label_names(splits["train"].features, "label") == [str(digit) for digit in range(10)]
+    pixels = {name: np.stack([np.asarray(image) for image in split["image"]]) for name, split in splits.items()}
+    assert pixels["train"].shape[1:] == (side, side) and pixels["train"].max() > 200
+    flattened = {name: {array.tobytes() for array in stack} for name, stack in pixels.items()}
+    assert not (flattened["train"] & flattened["validation"] or flattened["train"] & flattened["test"])
+    assert not flattened["validation"] & flattened["test"]
+    test_labels = np.asarray(splits["test"]["label"][:])
+    mean_images = [pixels["test"][test_labels == digit].mean(axis=0) for digit in range(10)]
+    assert np.abs(mean_images[0] - mean_images[1]).mean() > 10  # a 0 and a 1 really look different
+
+
+def test_digits_demo_held_out_splits_do_not_depend_on_the_shot_count():
+    few, more = digits_demo_splits(5, seed=3), digits_demo_splits(30, seed=3)
+    for name in ("validation", "test"):
+        assert few[name]["label"][:] == more[name]["label"][:]
+        assert [np.asarray(image).tobytes() for image in few[name]["image"]] == [
+            np.asarray(image).tobytes() for image in more[name]["image"]
+        ]
+
+
+def test_digits_demo_rejects_more_shots_than_there_are_digits():
+    with pytest.raises(ValueError, match="per class are needed"):
+        digits_demo_splits(samples_per_class=150, seed=0)
+
+
+def test_demo_arguments_load_through_load_demo_splits():
+    splits = load_demo_splits(DataArguments(demo=True, samples_per_class=3, max_eval_samples=7), seed=0)
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (30, 7, 7)
+    assert detect_columns(splits["train"].features) == ("image", "label")

@@ -1,0 +1,157 @@
+"""Resume through the recipe, refusing other runs' folders, and bad input stopping early and clearly."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from hf_rifle import RifleConfig, RifleTrainer
+from hf_rifle.recipe import main
+
+from ..helpers import RandomImages, recipe_flags, save_timm_hub_folder, timm_wrapper_resnet, write_image_folders
+
+
+@pytest.fixture(scope="module")
+def data_and_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    folders = write_image_folders(root / "images", sizes={"train": 12, "validation": 2, "test": 2})
+    return folders, save_timm_hub_folder(root / "model")
+
+
+def flags(output_dir, data_and_model, *extra):
+    folders, model = data_and_model
+    return recipe_flags(
+        output_dir,
+        "--model_name_or_path",
+        str(model),
+        "--train_dir",
+        str(folders["train"]),
+        "--validation_dir",
+        str(folders["validation"]),
+        "--regularizer",
+        "l2sp",
+        "--num_periods",
+        "3",
+        "--num_train_epochs",
+        "3",
+        *extra,
+    )
+
+
+class StopAt(TrainerCallback):
+    """Simulates a pre-empted job: training stops right after `step` was checkpointed."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_recipe_restarted_on_its_output_dir_resumes_to_the_same_model(tmp_path, data_and_model):
+    # 24 images, batch 4: 6 steps per epoch, 18 in all; periods start at 0, 6, 12. Stop mid-period at 8.
+    main(flags(tmp_path / "full", data_and_model))
+    interrupted = flags(tmp_path / "split", data_and_model, "--save_strategy", "steps", "--save_steps", "4")
+    main(interrupted, callbacks=[StopAt(8)])
+    assert (tmp_path / "split" / "checkpoint-8").is_dir()
+    main(interrupted)
+
+    full, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "split"))
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    state = json.loads((tmp_path / "split" / "checkpoint-18" / "trainer_state.json").read_text())
+    assert state["global_step"] == 18
+
+
+def test_output_dir_of_a_different_run_is_refused(tmp_path, data_and_model):
+    main(flags(tmp_path, data_and_model))
+    with pytest.raises(ValueError, match=r"different configuration \(differs in: training\.l2sp_alpha\)"):
+        main(flags(tmp_path, data_and_model, "--l2sp_alpha", "0.5"))
+
+
+def test_foreign_non_empty_output_dir_is_refused(tmp_path, data_and_model):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no rifle_config.json"):
+        main(flags(tmp_path, data_and_model))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_more_periods_than_steps_stops_before_anything_is_written(tmp_path, data_and_model):
+    output_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="num_periods=40 is more than the run's 18 optimizer steps"):
+        main(flags(output_dir, data_and_model, "--num_periods", "40"))
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--num_periods", "0"], "num_periods must be >= 1"),
+        (["--l2sp_alpha", "-1"], "l2sp_alpha must be a finite number >= 0"),
+        (["--l2sp_beta", "nan"], "l2sp_beta must be a finite number >= 0"),
+        (["--head_init_std", "-0.1"], "head_init_std must be a finite number >= 0"),
+        (["--head_module", "timm_model.nothing"], "head_module='timm_model.nothing' does not exist"),
+        (["--head_module", "timm_model.global_pool"], "has no trainable parameters"),
+        (["--samples_per_class", "13"], "13 images per class are needed, but these classes have fewer: 'cat' \\(12\\)"),
+    ],
+)
+def test_bad_input_stops_with_the_fix_and_writes_nothing(tmp_path, data_and_model, extra, message):
+    output_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        main(flags(output_dir, data_and_model, *extra))
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--regularizer", "l1"), ("--head_lr_schedule", "step")])
+def test_unknown_choices_are_refused_by_the_parser(tmp_path, data_and_model, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        main(flags(tmp_path / "run", data_and_model, flag, value))
+    assert re.search(f"argument {flag}.*: invalid choice: '{value}' \\(choose from", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_stops_with_step_period_and_learning_rates(tmp_path):
+    data = RandomImages(size=36)
+    data.images[8:12] = float("nan")  # the third batch of four, read in order
+    args = RifleConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=9,
+        num_periods=3,
+        learning_rate=0.1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        train_sampling_strategy="sequential",
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=(
+            r"loss became nan at optimizer step 2 of 9, in period 1 of 3 \(2 of its 3 steps done\); "
+            r"learning rates: backbone 0\.0\d+, backbone 0\.0\d+, head 0\.025"
+        ),
+    ):
+        RifleTrainer(model=timm_wrapper_resnet(), args=args, train_dataset=data).train()
+
+
+@pytest.mark.parametrize(
+    "sharding", [{"fsdp": "full_shard", "deepspeed": None}, {"fsdp": None, "deepspeed": "ds.json"}]
+)
+def test_sharded_training_is_refused_naming_the_supported_setups(sharding):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from hf_rifle import RifleTrainerCallback
+
+    state = TrainerState()
+    state.max_steps = 10
+    with pytest.raises(ValueError, match="supports single-device and DDP .* launch with DDP"):
+        RifleTrainerCallback().on_train_begin(
+            SimpleNamespace(**sharding), state, TrainerControl(), model=timm_wrapper_resnet()
+        )
