@@ -11,14 +11,13 @@
 # Assumptions about the GPU machine (the workplace's notes on it, read 2026-11; nothing checked there yet):
 # - No internet and no .venv; python3 (3.12) holds CUDA torch, timm, accelerate, huggingface_hub, psutil,
 #   matplotlib and setuptools, but transformers 5.17, whose Trainer lacks `loss_is_scaled_for_ga`, which
-#   RifleTrainer's L2-SP reads, and no datasets (which hf_rifle.data, and so likely transfer.py, imports).
+#   RifleTrainer's L2-SP reads, and no datasets (which hf_rifle.recipe.data, and so likely transfer.py, imports).
 #   So the wheels in build/wheels/ (gitignored) are installed first, into a private folder: CARRIED_PACKAGES,
 #   pinned to this checkout's .venv (datasets' pyarrow and fsspec pins are not checked against the machine's).
 #   Prepare them here (about 17 MB), then carry them:
 #       bash benchmarks/gpu.sh fetch-wheels
 #       device tool: run(command="bash benchmarks/gpu.sh", carry=["build/wheels"], timeout_s=600)
-# - hf_rifle is installed from this working tree (offline, no build isolation): its model-card templates
-#   (hf_rifle.model_cards) exist only in an installed package, so a bare PYTHONPATH=. would not import.
+# - hf_rifle is installed from this working tree (offline, no build isolation), as users install it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

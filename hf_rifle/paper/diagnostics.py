@@ -102,7 +102,7 @@ class GradientNormCallback(TrainerCallback):
         except AttributeError:
             raise ValueError(
                 f"Cannot probe {layer!r}: {type(model).__name__} has no such module with a weight. Use dotted names "
-                "from model.named_modules(), e.g. hf_rifle.diagnostics.default_probe_layers(model)."
+                "from model.named_modules(), e.g. hf_rifle.paper.diagnostics.default_probe_layers(model)."
             ) from None
         return weight
 

@@ -286,7 +286,7 @@ def markdown_table(summary: dict, comparison: dict, num_seeds: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     defaults = StudyConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds")
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--num_test", type=int, default=defaults.num_test, help="fresh test samples per seed")
     parser.add_argument("--output_json", help="write config, per-seed results and summary here")
     parser.add_argument("--output_md", help="write the Markdown table here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     config = StudyConfig(**{field: getattr(args, field) for field in asdict(defaults)})
 
     # Batches of 32 x 100 gain nothing from intra-op threads, which only spin against each other and other load.

@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 
 from ..recipe import ModelArguments, load_model
 from ..recipe import main as run_recipe
+from ..recipe import parse_args as parse_recipe_args
 from ..recipe.data import DataArguments
 from ..schedule import reinit_steps
 from .baselines import BASELINES, METHODS, method_flags
@@ -57,6 +58,10 @@ METHOD_TITLES = {
     "rifle_b": "RIFLE-B",
 }
 REGULARIZER_TITLES = {"l2": "L2", "l2sp": "L2-SP"}
+RECIPE_FLAGS_HELP = (
+    "Flags after `--` go to every run: the recipe's, RIFLE's and the baselines' (--fc_dropout, --fc_dropconnect, "
+    "--cnn_dropout, --stochastic_depth, --disturb_label); `-- --help` lists them all."
+)
 
 
 @dataclass
@@ -264,11 +269,15 @@ def write_weight_drift(sweep: SweepArguments) -> Path:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    """`[sweep flags] -- [recipe flags]`: the recipe flags are passed to every run."""
+    """`[sweep flags] -- [recipe flags]`: the recipe flags, the baselines' included, are passed to every run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    (sweep,) = HfArgumentParser(SweepArguments).parse_args_into_dataclasses(argv[:split])
-    results = run_sweep(sweep, argv[split + 1 :])
+    recipe_flags = argv[split + 1 :]
+    if {"-h", "--help"} & set(recipe_flags):
+        parse_recipe_args(["--help"], extensions=[BASELINES])  # prints the runs' options and exits
+    parser = HfArgumentParser(SweepArguments, epilog=RECIPE_FLAGS_HELP)
+    (sweep,) = parser.parse_args_into_dataclasses(argv[:split])
+    results = run_sweep(sweep, recipe_flags)
     written = write_tables(results, sweep) + write_figures(sweep) + [write_weight_drift(sweep)]
     print((Path(sweep.sweep_dir) / "results.md").read_text())
     return written

@@ -175,7 +175,15 @@ def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtensi
     else:
         named = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("--")}
         defaults = defaults_for(demo="demo" in named or not named & set(DATA_SOURCES))
-        parsed = parser.parse_args_into_dataclasses(as_flags(defaults) + [arg for arg in argv if arg != "--demo"])
+        *parsed, unknown = parser.parse_args_into_dataclasses(
+            as_flags(defaults) + [arg for arg in argv if arg != "--demo"], return_remaining_strings=True
+        )
+        if unknown:
+            raise ValueError(
+                f"Unknown arguments for hf-rifle-train: {' '.join(unknown)}. `hf-rifle-train --help` lists the "
+                "recipe's and RIFLE's options; the paper's baselines (--fc_dropout, --disturb_label, ...) are options "
+                "of the runs of scripts/reproduce.py, given after `--`."
+            )
     model_args, data_args, *extension_settings, args = parsed
     return RecipeArguments(
         model_args, data_args, args, {e.name: settings for e, settings in zip(extensions, extension_settings)}

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-OVERHEAD_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+OVERHEAD_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
 VARIANTS = {"trainer", "rifle_l2sp", "trainer_callback"}
 ROUNDS, STEPS = 2, 3
+
+pytestmark = pytest.mark.slow  # a real (tiny) benchmark run: half a minute
 
 
 def load_overhead():

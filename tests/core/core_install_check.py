@@ -1,7 +1,10 @@
 """Run by `test_core_install.py` with the interpreter of a venv that has only `pip install .` (no extras):
-the core's Trainer paths and its model card work without timm, torchvision, datasets or matplotlib."""
+the core's Trainer paths and its model card work without timm, torchvision, datasets or matplotlib, and a
+plain source checkout on `PYTHONPATH` imports and finds its card template too."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,4 +27,10 @@ for documented in (hf_rifle.RifleConfig, hf_rifle.RifleTrainerCallback, hf_rifle
 card = Path("out", "README.md").read_text()
 assert "**RIFLE** and **L2-SP**" in card and NO_PLOT_NOTE in card, card
 assert not Path("out", "learning_curve.png").exists()
+# A plain checkout on PYTHONPATH comes first and is used as it is, card template included.
+checkout = Path(__file__).resolve().parents[2]
+probe = "import hf_rifle, hf_rifle.card as card; print(hf_rifle.__file__); print(card.card_template().is_file())"
+env = {**os.environ, "PYTHONPATH": str(checkout)}
+printed = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+assert printed.split() == [str(checkout / "hf_rifle" / "__init__.py"), "True"], printed
 print("core install: OK")

@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hf_rifle import reinit_steps
 
 from ..helpers import recipe_flags, save_timm_hub_folder, write_image_folders
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def test_two_processes_keep_the_head_and_model_identical_on_both_ranks(tmp_path):

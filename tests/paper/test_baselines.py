@@ -433,8 +433,8 @@ def test_paper_baselines_extend_the_recipe(tmp_path):
         "--disturb_label",
         "0.1",
     )
-    with pytest.raises(SystemExit):  # the plain recipe does not know the baselines' flags
-        main(flags)
+    with pytest.raises(ValueError, match="Unknown arguments for hf-rifle-train: --fc_dropout 0.2"):
+        main(flags)  # the plain recipe does not know the baselines' flags
     metrics = main(flags, extensions=[BASELINES])
     assert "eval_accuracy" in metrics
     config = json.loads((tmp_path / "run" / "rifle_config.json").read_text())

@@ -1,10 +1,8 @@
-"""scripts/mlp_oracle.py: the OT distance, RIFLE's head re-draws and learning rates, and a reduced run."""
+"""The MLP-oracle study (hf_rifle/paper/mlp_oracle.py): the OT distance, RIFLE's head re-draws and learning
+rates, and a reduced run."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +11,12 @@ from torch import nn
 
 from hf_rifle import cyclic_cosine_factor, head_seed, reinit_head_, reinit_steps
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mlp_oracle.py"
-
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("mlp_oracle", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from hf_rifle.paper import mlp_oracle
+
+    return mlp_oracle
 
 
 def random_first_layer(seed: int) -> torch.Tensor:
@@ -113,30 +108,25 @@ def test_a_seed_reproduces_its_results(study):
     assert study.run_seed(3, config) == study.run_seed(3, config)
 
 
-def test_reduced_run_writes_finite_results(study, tmp_path, monkeypatch, capsys):
+def test_reduced_run_writes_finite_results(study, tmp_path, capsys):
     output_json, output_md = tmp_path / "results.json", tmp_path / "results.md"
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        [
-            "mlp_oracle.py",
-            "--seeds",
-            "2",
-            "--teacher_epochs",
-            "3",
-            "--epochs",
-            "3",
-            "--num_test",
-            "500",
-            "--output_json",
-            str(output_json),
-            "--output_md",
-            str(output_md),
-        ],
-    )
+    argv = [
+        "--seeds",
+        "2",
+        "--teacher_epochs",
+        "3",
+        "--epochs",
+        "3",
+        "--num_test",
+        "500",
+        "--output_json",
+        str(output_json),
+        "--output_md",
+        str(output_md),
+    ]
     threads = torch.get_num_threads()
     try:
-        study.main()
+        study.main(argv)
     finally:
         torch.set_num_threads(threads)
 

@@ -21,6 +21,7 @@ def test_paired_difference_is_the_t_interval_of_per_seed_differences():
     assert (low, high) == pytest.approx((mean - half, mean + half))
 
 
+@pytest.mark.slow
 def test_reduced_sweep_writes_tables_and_figures_and_reuses_finished_runs(tmp_path):
     folders = write_image_folders(tmp_path / "images")
     model = save_timm_hub_folder(tmp_path / "model")
@@ -84,3 +85,11 @@ def test_reduced_sweep_writes_tables_and_figures_and_reuses_finished_runs(tmp_pa
     finished = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/all_results.json")}
     main(argv)
     assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/all_results.json")} == finished
+
+
+def test_sweep_help_lists_the_baselines_flags_of_its_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(f"--{flag}" in help_text for flag in ("fc_dropout", "fc_dropconnect", "cnn_dropout", "disturb_label"))
+    assert "--num_periods" in help_text and "--train_dir" in help_text
