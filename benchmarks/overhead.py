@@ -53,7 +53,7 @@ from transformers import (
 )
 
 import hf_rifle
-import hf_rifle.trainer
+import hf_rifle.callback
 from hf_rifle import (
     RifleConfig,
     RifleTrainer,
@@ -259,7 +259,7 @@ def run_variant(variant: str, template, dataset, settings, device: str) -> tuple
     recorder = StepRecorder(device)
     direct_gradient = contextlib.nullcontext()
     if variant == "rifle_l2sp_autograd":  # its gradient comes from the loss; do not add it a second time
-        direct_gradient = mock.patch.object(hf_rifle.trainer, "add_l2sp_gradient_", lambda *args: None)
+        direct_gradient = mock.patch.object(hf_rifle.callback, "add_l2sp_gradient_", lambda *args: None)
     with tempfile.TemporaryDirectory() as output_dir, direct_gradient:
         model = prepare_model(template, settings, device)
         build_trainer(variant, model, dataset, settings, device, recorder, output_dir).train()
@@ -274,7 +274,7 @@ class AutogradL2SPTrainer(RifleTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return loss + l2sp_penalty(*self._l2sp, self.args.l2sp_alpha, self.args.l2sp_beta)
+        return loss + l2sp_penalty(*self.rifle._l2sp, self.args.l2sp_alpha, self.args.l2sp_beta)
 
 
 def time_repeats(function, repeats: int, synchronize, prepare) -> list[float]:

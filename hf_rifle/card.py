@@ -43,7 +43,8 @@ def card_template() -> Path:
 
 
 def plot_learning_curve(log_history: list[dict], reinit_steps: list[int], path) -> Path | None:
-    """Training loss and validation accuracy against the optimizer step, a dashed line at each re-init.
+    """Training loss and validation accuracy against the optimizer step (top) and the backbone's and head's
+    learning rates (bottom), a dashed line at each re-init.
 
     Returns None, writing nothing, when matplotlib is not installed.
     """
@@ -54,24 +55,37 @@ def plot_learning_curve(log_history: list[dict], reinit_steps: list[int], path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    accuracies = [(entry["step"], entry["eval_accuracy"]) for entry in log_history if "eval_accuracy" in entry]
-    figure, loss_axis = plt.subplots(figsize=(7, 4))
-    if losses:
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(entry["step"], entry[key]) for entry in log_history if key in entry]
+
+    figure, (loss_axis, lr_axis) = plt.subplots(
+        2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
+    if losses := series("loss"):
         loss_axis.plot(*zip(*losses), color="tab:blue", label="training loss")
-    loss_axis.set_xlabel("optimizer step")
     loss_axis.set_ylabel("training loss", color="tab:blue")
     accuracy_axis = loss_axis.twinx()
-    if accuracies:
+    if accuracies := series("eval_accuracy"):
         accuracy_axis.plot(*zip(*accuracies), "o-", color="tab:green", label="validation accuracy")
     accuracy_axis.set_ylabel("validation top-1 accuracy", color="tab:green")
-    for i, step in enumerate(reinit_steps):
-        loss_axis.axvline(
-            step, color="tab:red", linestyle="--", linewidth=1, label="head re-initialized" if i == 0 else None
-        )
+    for key, label, color in (
+        ("learning_rate", "backbone learning rate", "tab:gray"),
+        ("head_learning_rate", "head learning rate", "tab:orange"),
+    ):
+        if rates := series(key):
+            lr_axis.plot(*zip(*rates), color=color, label=label)
+    lr_axis.set_xlabel("optimizer step")
+    lr_axis.set_ylabel("learning rate")
+    for axis in (loss_axis, lr_axis):
+        for i, step in enumerate(reinit_steps):
+            axis.axvline(
+                step, color="tab:red", linestyle="--", linewidth=1, label="head re-initialized" if i == 0 else None
+            )
     handles = [h for axis in (loss_axis, accuracy_axis) for h in axis.get_legend_handles_labels()[0]]
     if handles:
         loss_axis.legend(handles=handles, loc="center right")
+    if lr_axis.get_legend_handles_labels()[0]:
+        lr_axis.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -13,6 +13,19 @@ from transformers import SchedulerType, TrainingArguments
 HEAD_LR_SCHEDULES = ("cyclic_cosine", "trainer")
 HEAD_INITS = ("default", "normal")
 REGULARIZERS = ("l2", "l2sp")
+# RIFLE's own settings: fields of `RifleConfig` and, same names and defaults, `RifleTrainerCallback`'s arguments.
+METHOD_FIELDS = (
+    "num_periods",
+    "reinit_head",
+    "head_lr_schedule",
+    "head_init",
+    "head_init_std",
+    "reset_head_optimizer_state",
+    "head_module",
+    "regularizer",
+    "l2sp_alpha",
+    "l2sp_beta",
+)
 
 
 @dataclass
@@ -91,22 +104,45 @@ class RifleConfig(TrainingArguments):
     @property
     def method(self) -> str:
         """The paper's name for this configuration."""
-        cyclic = self.head_lr_schedule == "cyclic_cosine"
-        if self.reinit_head:
-            return "RIFLE" if cyclic else "RIFLE-A"
-        return "RIFLE-B" if cyclic else "fine-tuning"
+        return method_name(self.reinit_head, self.head_lr_schedule)
+
+    def method_settings(self) -> dict:
+        """RIFLE's own settings, as `RifleTrainerCallback(**settings)` takes them."""
+        return {name: getattr(self, name) for name in METHOD_FIELDS}
 
     def __post_init__(self):
-        _check_choice("head_lr_schedule", self.head_lr_schedule, HEAD_LR_SCHEDULES)
-        _check_choice("head_init", self.head_init, HEAD_INITS)
-        _check_choice("regularizer", self.regularizer, REGULARIZERS)
-        if self.num_periods < 1:
-            raise ValueError(
-                f"num_periods must be >= 1, got {self.num_periods}: use 1 for a single period (no re-init)."
-            )
-        for name in ("l2sp_alpha", "l2sp_beta", "head_init_std"):
-            _check_non_negative(name, getattr(self, name))
+        check_method_settings(**self.method_settings())
         super().__post_init__()
+
+
+def method_name(reinit_head: bool, head_lr_schedule: str) -> str:
+    """The paper's name: RIFLE, its ablations RIFLE-A (re-init only) and RIFLE-B (cyclic head LR only), or neither."""
+    cyclic = head_lr_schedule == "cyclic_cosine"
+    if reinit_head:
+        return "RIFLE" if cyclic else "RIFLE-A"
+    return "RIFLE-B" if cyclic else "fine-tuning"
+
+
+def check_method_settings(
+    num_periods: int,
+    head_lr_schedule: str,
+    head_init: str,
+    head_init_std: float,
+    regularizer: str,
+    l2sp_alpha: float,
+    l2sp_beta: float,
+    **flags,
+) -> None:
+    """One check of RIFLE's settings for `RifleConfig` and `RifleTrainerCallback`; errors name the fix."""
+    _check_choice("head_lr_schedule", head_lr_schedule, HEAD_LR_SCHEDULES)
+    _check_choice("head_init", head_init, HEAD_INITS)
+    _check_choice("regularizer", regularizer, REGULARIZERS)
+    if not isinstance(num_periods, int) or num_periods < 1:
+        raise ValueError(
+            f"num_periods must be >= 1 (an integer), got {num_periods}: use 1 for a single period (no re-init)."
+        )
+    for name, value in (("l2sp_alpha", l2sp_alpha), ("l2sp_beta", l2sp_beta), ("head_init_std", head_init_std)):
+        _check_non_negative(name, value)
 
 
 def _check_non_negative(name: str, value: float) -> None:

@@ -19,19 +19,20 @@ def find_head(model: nn.Module, head_module: str | None = None) -> tuple[str, nn
     Tried in order: `head_module` if given; timm's `get_classifier()` on the model or on a submodule (as in
     transformers' `TimmWrapperForImageClassification.timm_model`); the attributes `classifier`, `fc`,
     `head` of the model, `Sequential` heads included (native `ResNetForImageClassification.classifier` is
-    Flatten + Linear).
+    Flatten + Linear). A head that PEFT keeps in `modules_to_save` is the trainable copy of the active adapter,
+    never the frozen original beside it.
     """
     if head_module:
-        return head_module, _named_head(model, head_module)
+        return _trainable_copy(head_module, _named_head(model, head_module))
     for module in model.modules():
         if callable(getattr(module, "get_classifier", None)):
             head = module.get_classifier()
             if _has_parameters(head):
-                return _name_of(model, head), head
+                return _trainable_copy(_name_of(model, head), head)
     for attribute in HEAD_ATTRIBUTES:
         head = getattr(model, attribute, None)
         if _has_parameters(head):
-            return attribute, head
+            return _trainable_copy(attribute, head)
     linear_layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     raise ValueError(
         f"No classification head found on {type(model).__name__}: it has no timm get_classifier() and no "
@@ -39,6 +40,18 @@ def find_head(model: nn.Module, head_module: str | None = None) -> tuple[str, nn
         f"{', '.join(linear_layers) or 'none'}. Name the head with head_module='<dotted name>' "
         "(--head_module on the command line)."
     )
+
+
+def _trainable_copy(name: str, head: nn.Module) -> tuple[str, nn.Module]:
+    """PEFT's `ModulesToSaveWrapper` holds the frozen original and a trainable copy per adapter: the copy is the head.
+
+    Recognized by its attributes, so peft need not be installed.
+    """
+    copies = getattr(head, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict) and isinstance(getattr(head, "original_module", None), nn.Module):
+        adapter = head.active_adapters[0]
+        return f"{name}.modules_to_save.{adapter}", copies[adapter]
+    return name, head
 
 
 def _named_head(model: nn.Module, name: str) -> nn.Module:

@@ -55,15 +55,28 @@ def cyclic_cosine_factor(step: int, max_steps: int, num_periods: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * tau / length))
 
 
+def head_lr_factor(step: int, max_steps: int, num_periods: int, trainer_lr_is_zero: bool = False) -> float:
+    """The head's learning rate at optimizer step `step`, as a fraction of the peak learning rate.
+
+    The cyclic cosine, except at a step where the Trainer's own learning rate is 0 (for transformers'
+    schedules: the first step of a warmup), where the head does not move either. The callback cannot do
+    otherwise (it rescales the head's update, and a zero update stays zero), and `RifleTrainer` follows the
+    same rule, so both paths train the same weights.
+    """
+    return 0.0 if trainer_lr_is_zero else cyclic_cosine_factor(step, max_steps, num_periods)
+
+
 @dataclass
 class CyclicCosineSchedule:
-    """`LambdaLR` multiplier for the head's param groups.
+    """`LambdaLR` multiplier for the head's param groups: `head_lr_factor`, where the Trainer's schedule is 0 only
+    at the first step of a warmup (`warmup_steps > 0`).
 
     A dataclass rather than a closure so `LambdaLR.state_dict()` saves its fields into checkpoints.
     """
 
     max_steps: int
     num_periods: int
+    warmup_steps: int = 0
 
     def __call__(self, step: int) -> float:
-        return cyclic_cosine_factor(step, self.max_steps, self.num_periods)
+        return head_lr_factor(step, self.max_steps, self.num_periods, trainer_lr_is_zero=step == 0 < self.warmup_steps)

@@ -1,10 +1,12 @@
 """`RifleTrainer`: the full RIFLE method as a `transformers.Trainer` subclass.
 
-It overrides documented hooks and nothing else: `create_optimizer` (the head gets param groups of its own),
-`create_scheduler` (those groups get the cyclic cosine), `training_step` (adds the L2-SP gradient, stops on
-a non-finite loss), `log` (reports the L2-SP term), `get_train_dataloader` (an optional
-training-only collator) and `create_model_card` (a card that records the method, with a learning-curve
-plot). Re-initialization is `RifleTrainerCallback`, installed from the config.
+The method itself is `RifleTrainerCallback` (re-initialization, L2-SP, the logged values), installed from the
+config, so the plug-in path and this one share one implementation. On top of it, RifleTrainer overrides
+documented hooks and nothing else: `create_optimizer` (the head gets param groups of its own) and
+`create_scheduler` (those groups get the cyclic cosine), so the head's learning rate is a real one rather than a
+rescaled update and any optimizer works; `training_step` (stops on a non-finite loss); `get_train_dataloader`
+(an optional training-only collator); `create_model_card` (a card that records the method, with a plot). It
+also divides the loss by the gradient-accumulation steps for image classifiers, which plain Trainer does not.
 """
 
 import os
@@ -18,7 +20,7 @@ from .card import PLOT_FILE, plot_learning_curve, render_model_card
 from .config import RifleConfig
 from .heads import find_head
 from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_param_groups_
-from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
+from .regularizers import split_backbone_and_head
 from .schedule import position_in_period, reinit_steps
 
 
@@ -54,6 +56,13 @@ class RifleTrainer(Trainer):
             raise TypeError(f"RifleTrainer needs args=RifleConfig(...), got {type(args).__name__}.")
         if model is None:
             raise ValueError("RifleTrainer needs a model: its head and pretrained backbone are read at construction.")
+        if any(isinstance(callback, RifleTrainerCallback) for callback in kwargs.get("callbacks") or []):
+            raise ValueError(
+                "RifleTrainer installs RifleTrainerCallback from its RifleConfig; remove the one passed in callbacks."
+            )
+        # Passed at construction, so with L2-SP the callback records the pretrained backbone before any resume.
+        self.rifle = RifleTrainerCallback(**args.method_settings())
+        kwargs["callbacks"] = [self.rifle, *(kwargs.get("callbacks") or [])]
         super().__init__(model=model, args=args, **kwargs)
         self.train_data_collator = train_data_collator
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -61,28 +70,6 @@ class RifleTrainer(Trainer):
         # Image classifiers return a per-batch mean loss and ignore `num_items_in_batch`; the Trainer must
         # divide by the accumulation steps itself, or batch 4 x GA 2 gets twice the gradient of batch 8.
         self.model_accepts_loss_kwargs = False
-
-        _, head = find_head(self.model, args.head_module)
-        backbone_params, self._head_params = split_backbone_and_head(self.model, head)
-        self._l2sp = None
-        if args.regularizer == "l2sp":
-            self._l2sp = (backbone_params, snapshot(backbone_params), self._head_params)
-
-        if args.reinit_head:
-            if any(isinstance(cb, RifleTrainerCallback) for cb in self.callback_handler.callbacks):
-                raise ValueError(
-                    "RifleTrainer installs RifleTrainerCallback from its RifleConfig; "
-                    "remove the one passed in callbacks."
-                )
-            self.add_callback(
-                RifleTrainerCallback(
-                    num_periods=args.num_periods,
-                    head_module=args.head_module,
-                    head_init=args.head_init,
-                    head_init_std=args.head_init_std,
-                    reset_optimizer_state=args.reset_head_optimizer_state,
-                )
-            )
 
     def get_train_dataloader(self):
         if self.train_data_collator is None:
@@ -96,25 +83,22 @@ class RifleTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             super().create_optimizer(model)
-            isolate_head_param_groups_(self.optimizer, self._head_params)
+            _, head = find_head(self.model, self.args.head_module)
+            isolate_head_param_groups_(self.optimizer, split_backbone_and_head(self.model, head)[1])
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             scheduler = super().create_scheduler(num_training_steps, optimizer)
             if self.args.head_lr_schedule == "cyclic_cosine":
-                attach_cyclic_head_schedule_(scheduler, num_training_steps, self.args.num_periods)
+                warmup_steps = self.args.get_warmup_steps(num_training_steps)
+                attach_cyclic_head_schedule_(scheduler, num_training_steps, self.args.num_periods, warmup_steps)
         return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):  # Trainer's own NaN filter would silently log an average instead
             raise FloatingPointError(self._non_finite_loss_message(loss.item()))
-        if self._l2sp is not None and self.accelerator.sync_gradients:
-            # Once per optimizer step, after the last micro-batch's backward (and DDP's gradient averaging),
-            # before clipping: the gradient autograd would give for the penalty in the loss, in two foreach passes.
-            scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
-            add_l2sp_gradient_(*self._l2sp, self.args.l2sp_alpha * scale, self.args.l2sp_beta * scale)
         return loss
 
     def _non_finite_loss_message(self, value: float) -> str:
@@ -130,12 +114,6 @@ class RifleTrainer(Trainer):
             f"{learning_rates}. Lower learning_rate (or l2sp_alpha/l2sp_beta), or check the inputs for NaNs. "
             f"Checkpoints written so far in {self.args.output_dir} are from before this step."
         )
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._l2sp is not None and "loss" in logs:
-            with torch.no_grad():
-                logs["l2sp_loss"] = l2sp_penalty(*self._l2sp, self.args.l2sp_alpha, self.args.l2sp_beta).item()
-        super().log(logs, start_time)
 
     def reinit_steps(self) -> list[int]:
         """Optimizer steps at which this run re-initializes (or re-initialized) the head."""

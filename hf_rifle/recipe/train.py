@@ -111,6 +111,9 @@ DEMO_DEFAULTS = {
     "dataloader_num_workers": 0,
 }
 DATA_SOURCES = ("dataset_name", "train_dir")
+DEMO_HELP = "With no --dataset_name or --train_dir, the offline demo runs, with these defaults: " + ", ".join(
+    f"--{name} {value}" for name, value in DEMO_DEFAULTS.items() if name != "demo"
+)
 
 
 @dataclass
@@ -164,20 +167,26 @@ class RecipeArguments:
 
 
 def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtension] = ()) -> RecipeArguments:
-    """Flags, or a single JSON/YAML file, over the recipe's defaults, and the demo's when no data is named."""
+    """Flags, or a single JSON/YAML file, over the recipe's defaults, and the demo's when no data is named.
+
+    The defaults are the parser's own, so `--help` shows the values a run really uses.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, *(e.arguments for e in extensions), RifleConfig))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, *(e.arguments for e in extensions), RifleConfig), epilog=DEMO_HELP
+    )
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         settings = yaml.safe_load(Path(argv[0]).read_text())  # YAML reads JSON too
         parsed = parser.parse_dict(
             {**defaults_for(demo=not any(settings.get(key) for key in DATA_SOURCES)), **settings}
         )
     else:
-        named = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("--")}
-        defaults = defaults_for(demo="demo" in named or not named & set(DATA_SOURCES))
-        *parsed, unknown = parser.parse_args_into_dataclasses(
-            as_flags(defaults) + [arg for arg in argv if arg != "--demo"], return_remaining_strings=True
+        named = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("-")}
+        asks_for_help = bool(named & {"help", "-h"})
+        parser.set_defaults(
+            **defaults_for(demo=not asks_for_help and ("demo" in named or not named & set(DATA_SOURCES)))
         )
+        *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
         if unknown:
             raise ValueError(
                 f"Unknown arguments for hf-rifle-train: {' '.join(unknown)}. `hf-rifle-train --help` lists the "
@@ -192,11 +201,6 @@ def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtensi
 
 def defaults_for(demo: bool) -> dict:
     return {**RECIPE_DEFAULTS, **(DEMO_DEFAULTS if demo else {})}
-
-
-def as_flags(settings: dict) -> list[str]:
-    """`{"num_periods": 3, "demo": True}` -> `["--num_periods", "3", "--demo", "True"]`."""
-    return [item for name, value in settings.items() for item in (f"--{name}", str(value))]
 
 
 def load_model(model_args: ModelArguments, data_args: DataArguments, names: list[str], workdir: str):

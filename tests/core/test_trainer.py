@@ -80,7 +80,7 @@ def test_zero_learning_rate_changes_the_head_only_by_reinit_at_period_starts(tmp
     assert all(torch.equal(record["backbone"], recorder.steps[0]["backbone"]) for record in recorder.steps)
 
 
-def test_callback_on_a_plain_trainer_is_rifle_a(tmp_path):
+def test_callback_on_a_plain_trainer_redraws_the_head_only_at_period_starts(tmp_path):
     model = native_resnet()
     recorder = Recorder(model)
     args = TrainingArguments(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_rifle import reinit_steps
 
@@ -55,3 +56,19 @@ def test_two_processes_keep_the_head_and_model_identical_on_both_ranks(tmp_path)
     assert ranks[0]["heads"] == ranks[1]["heads"]
     assert ranks[0]["model"] == ranks[1]["model"]
     assert (output_dir / "README.md").is_file()
+
+
+PLUGIN_WORKER = Path(__file__).with_name("plugin_worker.py")
+
+
+def test_two_processes_give_the_callback_path_rifle_trainers_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    weights = {}
+    for path in ("callback", "rifle_trainer"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command += [str(PLUGIN_WORKER), path, str(tmp_path / path)]
+        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        weights[path] = torch.load(tmp_path / path / "weights.pt", weights_only=True)
+    for name, value in weights["callback"].items():
+        torch.testing.assert_close(value, weights["rifle_trainer"][name], rtol=1e-8, atol=1e-8, msg=name)

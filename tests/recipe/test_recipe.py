@@ -241,6 +241,18 @@ def test_recipe_help_lists_recipe_and_rifle_options_only(capsys):
     help_text = capsys.readouterr().out
     assert "--num_periods" in help_text and "--train_dir" in help_text and "--l2sp_alpha" in help_text
     assert "--fc_dropout" not in help_text and "--disturb_label" not in help_text
+    # The defaults shown are those the recipe trains with, not TrainingArguments' (5e-05, adamw, linear).
+    flat = " ".join(help_text.split())
+    options = flat.split(" options: ", 1)[1]  # past the usage line
+    for option, default in (
+        ("learning_rate", "0.01"),
+        ("optim", "sgd"),
+        ("max_grad_norm", "0.0"),
+        ("num_periods", "3"),
+    ):
+        option_help = options.split(f"--{option.replace('_', '-')} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {default})" in option_help, option_help
+    assert "the offline demo runs, with these defaults: --output_dir outputs/demo" in flat
 
 
 def test_a_yaml_config_file_gets_the_recipe_defaults(image_folders, timm_hub_folder, tmp_path):
