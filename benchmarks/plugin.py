@@ -1,6 +1,6 @@
 """The plug-in path against RifleTrainer, side by side on the offline default: ImageNet EfficientNet-Lite0
 fine-tuned on 20-shot scikit-learn digits at 56 px for 12 epochs (the demo's settings), SGD 0.01 momentum 0.9,
-cosine, no gradient clipping, with
+cosine, no gradient clipping, no weight decay, with
 
 - `trainer`: plain `transformers.Trainer` (fine-tuning, the baseline);
 - `trainer_callback`: the same `Trainer` + `RifleTrainerCallback()` (the full method, plugged in);
@@ -86,6 +86,7 @@ def run(variant: str, seed: int, settings: argparse.Namespace, output_dir: str) 
         optim_args="momentum=0.9",
         lr_scheduler_type="cosine",
         max_grad_norm=0.0,
+        weight_decay=0.0,  # as issue 11 measured: the variants differ by the method alone
         seed=seed,
         save_strategy="no",
         eval_strategy="no",

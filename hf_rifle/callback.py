@@ -13,7 +13,7 @@ import sys
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from .config import check_method_settings, method_name
+from .config import PAPER_WEIGHT_DECAY, check_method_settings, check_weight_decay, method_name
 from .functional import reinit_head_at_period_start_
 from .heads import find_head
 from .optim import HEAD_GROUP_KEY, check_update_scales_with_lr, record_head_update_, rescale_head_update_
@@ -40,6 +40,10 @@ SHORT_PERIOD_WARNING = (
     "fit again before the next re-initialization. On few-shot digits, periods of 4 epochs left RIFLE behind plain "
     "fine-tuning and periods of 13 did not (docs/benchmarks.md). Train longer or lower num_periods (at least "
     f"{MIN_EPOCHS_PER_PERIOD} epochs per period)."
+)
+NO_WEIGHT_DECAY_WARNING = (
+    f"regularizer='l2' with weight_decay=0: nothing regularizes this run. The paper's L2 is weight decay "
+    f"{PAPER_WEIGHT_DECAY} (set TrainingArguments(weight_decay={PAPER_WEIGHT_DECAY})); or use regularizer='l2sp'."
 )
 ACCUMULATION_WARNING = (
     "gradient_accumulation_steps={steps} with {model}: plain Trainer does not divide this model's loss by the "
@@ -137,6 +141,7 @@ class RifleTrainerCallback(TrainerCallback):
             raise ValueError(SHARDED_TRAINING_REFUSED)
         period_starts(state.max_steps, self.num_periods)
         find_head(model, self.head_module)
+        check_weight_decay(self.regularizer, args.weight_decay)
         if self.regularizer == "l2sp" and self._l2sp is None:
             if state.global_step > 0:
                 raise ValueError(
@@ -225,6 +230,8 @@ class RifleTrainerCallback(TrainerCallback):
             return
         if args.max_grad_norm and args.max_grad_norm > 0:
             logger.warning(CLIPPING_WARNING.format(norm=args.max_grad_norm))
+        if self.regularizer == "l2" and not args.weight_decay:
+            logger.warning(NO_WEIGHT_DECAY_WARNING)
         epochs_per_period = state.num_train_epochs / self.num_periods
         if self.reinit_head and self.num_periods > 1 and epochs_per_period < MIN_EPOCHS_PER_PERIOD:
             logger.warning(

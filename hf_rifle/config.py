@@ -13,6 +13,7 @@ from transformers import SchedulerType, TrainingArguments
 HEAD_LR_SCHEDULES = ("cyclic_cosine", "trainer")
 HEAD_INITS = ("default", "normal")
 REGULARIZERS = ("l2", "l2sp")
+PAPER_WEIGHT_DECAY = 1e-4  # the authors' code: their "L2" is weight decay 1e-4
 # RIFLE's own settings: fields of `RifleConfig` and, same names and defaults, `RifleTrainerCallback`'s arguments.
 METHOD_FIELDS = (
     "num_periods",
@@ -56,6 +57,13 @@ class RifleConfig(TrainingArguments):
             "re-drawn head sends into the backbone, which is how RIFLE works."
         },
     )
+    weight_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": f"Weight decay; unset = by regularizer: {PAPER_WEIGHT_DECAY} with 'l2' (the authors' L2), 0 with "
+            "'l2sp' (which regularizes on its own: weight decay on top of it is refused)."
+        },
+    )
     num_periods: int = field(
         default=3,
         metadata={
@@ -92,8 +100,8 @@ class RifleConfig(TrainingArguments):
     regularizer: Literal["l2", "l2sp"] = field(
         default="l2",
         metadata={
-            "help": "'l2': plain weight decay (set weight_decay); 'l2sp': add l2sp_alpha/2*||w-w_pretrained||^2 on "
-            "the backbone and l2sp_beta/2*||w_head||^2 on the head to the loss."
+            "help": f"'l2': plain weight decay ({PAPER_WEIGHT_DECAY} unless weight_decay is set); 'l2sp': add "
+            "l2sp_alpha/2*||w-w_pretrained||^2 on the backbone and l2sp_beta/2*||w_head||^2 on the head to the loss."
         },
     )
     l2sp_alpha: float = field(
@@ -112,6 +120,9 @@ class RifleConfig(TrainingArguments):
 
     def __post_init__(self):
         check_method_settings(**self.method_settings())
+        if self.weight_decay is None:
+            self.weight_decay = PAPER_WEIGHT_DECAY if self.regularizer == "l2" else 0.0
+        check_weight_decay(self.regularizer, self.weight_decay)
         super().__post_init__()
 
 
@@ -143,6 +154,18 @@ def check_method_settings(
         )
     for name, value in (("l2sp_alpha", l2sp_alpha), ("l2sp_beta", l2sp_beta), ("head_init_std", head_init_std)):
         _check_non_negative(name, value)
+
+
+def check_weight_decay(regularizer: str, weight_decay: float) -> None:
+    """L2-SP already pulls every weight (towards the pretrained backbone, towards 0 for the head): weight decay on
+    top would regularize twice, with a pull towards 0 that L2-SP exists to replace."""
+    _check_non_negative("weight_decay", weight_decay)
+    if regularizer == "l2sp" and weight_decay > 0:
+        raise ValueError(
+            f"regularizer='l2sp' with weight_decay={weight_decay} regularizes twice: L2-SP pulls the backbone towards "
+            "its pretrained weights, weight decay towards 0. Set weight_decay=0 (or leave it unset), or use "
+            "regularizer='l2' for plain weight decay."
+        )
 
 
 def _check_non_negative(name: str, value: float) -> None:

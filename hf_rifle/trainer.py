@@ -5,18 +5,22 @@ config, so the plug-in path and this one share one implementation. On top of it,
 documented hooks and nothing else: `create_optimizer` (the head gets param groups of its own) and
 `create_scheduler` (those groups get the cyclic cosine), so the head's learning rate is a real one rather than a
 rescaled update and any optimizer works; `training_step` (stops on a non-finite loss); `get_train_dataloader`
-(an optional training-only collator); `create_model_card` (a card that records the method, with a plot). It
-also divides the loss by the gradient-accumulation steps for image classifiers, which plain Trainer does not.
+(an optional training-only collator); `create_model_card` (a card that records the method, with a plot);
+`train` and `_save_checkpoint` (crash-safe checkpoints, see `hf_rifle.checkpoints`). It also divides the loss
+by the gradient-accumulation steps for image classifiers, which plain Trainer does not.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
 
 from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback
 from .card import PLOT_FILE, plot_learning_curve, render_model_card
+from .checkpoints import STAGING_DIR, check_resumable, finalize_checkpoint_, newest_complete_checkpoint
 from .config import RifleConfig
 from .heads import find_head
 from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_param_groups_
@@ -70,6 +74,57 @@ class RifleTrainer(Trainer):
         # Image classifiers return a per-batch mean loss and ignore `num_items_in_batch`; the Trainer must
         # divide by the accumulation steps itself, or batch 4 x GA 2 gets twice the gradient of batch 8.
         self.model_accepts_loss_kwargs = False
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, resuming only from complete checkpoints: `True` takes the newest complete one (torn
+        ones are set aside with a warning), and a named checkpoint that is incomplete is refused before training."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint to resume "
+                    "from. Start without resume_from_checkpoint."
+                )
+        elif resume_from_checkpoint:
+            check_resumable(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a staging folder, flush it and mark it complete, then rename it into place:
+        a process killed at any moment leaves either no `checkpoint-N` or a complete one. Old checkpoints are
+        rotated out only after the new one is in place."""
+        run_dir = Path(self._get_output_dir(trial))
+        staging = run_dir / STAGING_DIR
+        name = f"checkpoint-{self.state.global_step}"
+        if self.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)  # a save that died half-way; never a complete checkpoint
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N (see _get_output_dir)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states are per rank)
+        if self.args.should_save:
+            best = self.state.best_global_step and run_dir / f"checkpoint-{self.state.best_global_step}"
+            if best and (best.is_dir() or best.name == name):
+                self.state.best_model_checkpoint = str(best)
+                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+            finalize_checkpoint_(staging / name)
+            shutil.rmtree(run_dir / name, ignore_errors=True)  # an earlier, superseded save of this step
+            (staging / name).rename(run_dir / name)
+            staging.rmdir()
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_checkpoint_staging", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial)
 
     def get_train_dataloader(self):
         if self.train_data_collator is None:

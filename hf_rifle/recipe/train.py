@@ -20,9 +20,9 @@ import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..card import PLOT_FILE
+from ..checkpoints import check_resumable, newest_complete_checkpoint
 from ..config import RifleConfig
 from ..trainer import RifleTrainer
 from .data import (
@@ -233,9 +233,10 @@ def run_record(run: RecipeArguments) -> dict:
 
 
 def resume_point(output_dir: str, record: dict) -> str | None:
-    """The last checkpoint of this same run in `output_dir`, or None for a fresh start.
+    """The newest complete checkpoint of this same run in `output_dir`, or None for a fresh start.
 
-    A folder holding another run, or files that are not a hf_rifle run, is refused rather than mixed into.
+    A folder holding another run, or files that are not a hf_rifle run, is refused rather than mixed into;
+    torn checkpoints (a process killed while writing them) are set aside with a warning.
     """
     folder = Path(output_dir)
     if not folder.is_dir() or not any(folder.iterdir()):
@@ -258,7 +259,7 @@ def resume_point(output_dir: str, record: dict) -> str | None:
             f"--output_dir {folder} holds a run with a different configuration (differs in: "
             f"{', '.join(differences)}). Pass a new --output_dir, or delete this one to start over."
         )
-    return get_last_checkpoint(str(folder))
+    return newest_complete_checkpoint(folder)
 
 
 @contextmanager
@@ -301,7 +302,10 @@ def main(
         os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
     set_seed(args.seed)
     record = run_record(run)
-    last_checkpoint = resume_point(args.output_dir, record)
+    if args.resume_from_checkpoint:  # named explicitly: refused now if incomplete, before data or model load
+        check_resumable(args.resume_from_checkpoint)
+    newest_checkpoint = resume_point(args.output_dir, record)  # also refuses another run's output_dir
+    last_checkpoint = args.resume_from_checkpoint or newest_checkpoint
 
     with no_empty_output_dir_left_on_error(args.output_dir):
         metrics = train_evaluate_save(run, extensions, record, last_checkpoint, callbacks)

@@ -1,7 +1,12 @@
 """Resume through the recipe, refusing other runs' folders, and bad input stopping early and clearly."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +160,40 @@ def test_sharded_training_is_refused_naming_the_supported_setups(sharding):
         RifleTrainerCallback().on_train_begin(
             SimpleNamespace(**sharding), state, TrainerControl(), model=timm_wrapper_resnet()
         )
+
+
+CRASH_WORKER = Path(__file__).with_name("crash_worker.py")
+
+
+def run_recipe_process(moment: str, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, str(CRASH_WORKER), moment, *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("moment", ["step:7", "save:8"], ids=["killed-training", "killed-writing-a-checkpoint"])
+def test_a_killed_run_finishes_with_the_same_command_and_the_uninterrupted_weights(tmp_path, data_and_model, moment):
+    """SIGKILL, then the very same command again: it resumes from the newest complete checkpoint (4, as 8 was
+    never completed) and ends with the weights of a run that was never interrupted."""
+    reference = run_recipe_process("none", flags(tmp_path / "full", data_and_model))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    argv = flags(tmp_path / "split", data_and_model, "--save_strategy", "steps", "--save_steps", "4")
+    killed = run_recipe_process(moment, argv)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "split" / "checkpoint-8").exists()  # a checkpoint is either complete or absent
+    assert (tmp_path / "split" / "checkpoint-4").is_dir()
+    again = run_recipe_process("none", argv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    full, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "split"))
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+def test_an_incomplete_checkpoint_named_on_the_command_line_stops_the_recipe_first(tmp_path, data_and_model):
+    argv = flags(tmp_path / "run", data_and_model, "--save_strategy", "steps", "--save_steps", "4")
+    main(argv, callbacks=[StopAt(4)])
+    (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="checkpoint-4 is incomplete: trainer_state.json is missing"):
+        main([*argv, "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-4")])

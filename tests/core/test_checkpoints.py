@@ -1,0 +1,94 @@
+"""Crash-safe checkpoints from Python: written complete, torn ones skipped and set aside, named ones checked."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from hf_rifle import RifleConfig, RifleTrainer
+from hf_rifle.checkpoints import MANIFEST, STAGING_DIR, checkpoint_problems
+
+from ..helpers import RandomImages, timm_wrapper_resnet
+
+FAST = dict(report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+
+
+def trainer(output_dir, **overrides):
+    model = timm_wrapper_resnet()
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=9,
+        num_periods=3,
+        seed=3,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        learning_rate=0.05,
+        regularizer="l2sp",
+        save_strategy="steps",
+        save_steps=3,
+        **FAST,
+    )
+    return model, RifleTrainer(model=model, args=RifleConfig(**{**settings, **overrides}), train_dataset=RandomImages())
+
+
+def test_checkpoints_are_complete_with_a_manifest_and_rotation_keeps_the_newest(tmp_path):
+    _, run = trainer(tmp_path, save_total_limit=1)
+    run.train()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-9"]
+    assert not (tmp_path / STAGING_DIR).exists()
+    manifest = json.loads((tmp_path / "checkpoint-9" / MANIFEST).read_text())
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= set(manifest["files"])
+    assert checkpoint_problems(tmp_path / "checkpoint-9") == []
+
+
+def truncate(path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+TEARS = {
+    "missing-state": (lambda folder: (folder / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    "truncated-weights": (lambda folder: truncate(folder / "model.safetensors"), "model.safetensors has"),
+    "truncated-optimizer": (lambda folder: truncate(folder / "optimizer.pt"), "optimizer.pt has"),
+    "truncated-weights-no-manifest": (
+        lambda folder: ((folder / MANIFEST).unlink(), truncate(folder / "model.safetensors")),
+        "model.safetensors is truncated",
+    ),
+    "truncated-optimizer-no-manifest": (
+        lambda folder: ((folder / MANIFEST).unlink(), truncate(folder / "optimizer.pt")),
+        "optimizer.pt is unreadable",
+    ),
+}
+
+
+@pytest.mark.parametrize("tear", list(TEARS))
+def test_a_torn_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path, tear, caplog):
+    full_model, full = trainer(tmp_path / "full")
+    full.train()
+    _, first = trainer(tmp_path / "split", max_steps=9)
+    first.train()
+    damage, problem = TEARS[tear]
+    damage(tmp_path / "split" / "checkpoint-9")
+    (tmp_path / "split" / "checkpoint-6" / "README.md").write_text("an older, complete checkpoint")
+    resumed_model, resumed = trainer(tmp_path / "split")
+    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+        resumed.train(resume_from_checkpoint=True)
+
+    warning = next(r.getMessage() for r in caplog.records if "is incomplete" in r.getMessage())
+    assert "checkpoint-9" in warning and problem in warning
+    set_aside = [p.name for p in (tmp_path / "split").iterdir() if p.name.startswith("incomplete-checkpoint-9-")]
+    assert len(set_aside) == 1  # kept, not deleted
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_named_incomplete_checkpoint_is_refused_before_training(tmp_path):
+    _, first = trainer(tmp_path, max_steps=3)
+    first.train()
+    truncate(tmp_path / "checkpoint-3" / "model.safetensors")
+    _, again = trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint-3 is incomplete: model.safetensors has \d+ bytes"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert again.state.global_step == 0
