@@ -104,6 +104,7 @@ def render_model_card(
     dataset_config: str | None = None,
     timm_architecture: str | None = None,
     plot_file: str | None = PLOT_FILE,
+    extra_settings: list[tuple[str, str]] | None = None,
 ) -> ModelCard:
     """A model card with `model-index` metadata that `huggingface_hub.ModelCard` parses back."""
     metrics = final_metrics(log_history)
@@ -145,7 +146,7 @@ def render_model_card(
         ],
         plot_file=plot_file,
         no_plot_note=NO_PLOT_NOTE,
-        settings=run_settings(args),
+        settings=run_settings(args) + list(extra_settings or []),
         reinit_steps=", ".join(map(str, reinit_steps)) or "none",
         max_steps=max_steps,
         repo_id=repo_id,

@@ -175,11 +175,12 @@ class RifleTrainer(Trainer):
         return reinit_steps(self.state.max_steps, self.args.num_periods) if self.args.reinit_head else []
 
     def create_model_card(
-        self, model_name=None, finetuned_from=None, dataset=None, dataset_args=None, **kwargs
+        self, model_name=None, finetuned_from=None, dataset=None, dataset_args=None, extra_settings=None, **kwargs
     ) -> None:
         """Write README.md (the model card) and the learning-curve plot into `output_dir`.
 
         `push_to_hub` calls this before uploading `output_dir`, so the card travels with the model.
+        `extra_settings`, (name, value) pairs, join the card's table of settings.
         """
         if not self.is_world_process_zero():
             return
@@ -199,5 +200,6 @@ class RifleTrainer(Trainer):
             dataset_config=dataset_args[0] if isinstance(dataset_args, list) else dataset_args,
             timm_architecture=getattr(config, "architecture", None),
             plot_file=plot.name if plot else None,
+            extra_settings=extra_settings,
         )
         card.save(os.path.join(output_dir, "README.md"))

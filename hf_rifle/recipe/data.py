@@ -7,9 +7,11 @@ column is a `ClassLabel`. The rest of the recipe then treats all sources alike.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args
 
 import datasets
@@ -90,6 +92,13 @@ class DataArguments:
         default=256, metadata={"help": "Images are resized so their shorter side has this many pixels."}
     )
     crop_size: int = field(default=224, metadata={"help": "Side of the square crop fed to the model."})
+    skip_unreadable_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip rows whose image cannot be decoded (listed in skipped_images.jsonl in the output folder, "
+            "counted in the logs and the model card) instead of stopping the run with the split and row."
+        },
+    )
     demo: bool = field(
         default=False,
         metadata={
@@ -440,7 +449,7 @@ def check_images_readable(dataset_dict: datasets.DatasetDict, image_col: str) ->
 
 
 class ImageClassificationTransform:
-    """Turns a batch of raw rows into `pixel_values` and `labels`.
+    """Turns one raw row into `pixel_values` and `labels`.
 
     A module-level class rather than a closure so DataLoader worker processes can pickle it.
     """
@@ -450,31 +459,84 @@ class ImageClassificationTransform:
         self.label_column = label_column
         self.image_transform = image_transform
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, row: dict) -> dict:
         return {
-            "pixel_values": [self.image_transform(decode_image(value)) for value in batch[self.image_column]],
-            "labels": list(batch[self.label_column]),
+            "pixel_values": self.image_transform(decode_image(row[self.image_column])),
+            "labels": row[self.label_column],
         }
+
+
+class TransformedSplit(torch.utils.data.Dataset):
+    """One split's rows as model inputs, decoded row by row, so an image that cannot be decoded (a Hub row as much
+    as a local file) is reported by split and row index when it is first read, mid-training included.
+
+    With `skipped_log` (the recipe's `--skip_unreadable_images`), such a row becomes None, which `collate_fn`
+    drops, and is appended to that JSON-lines file, which the recipe counts for its logs and card.
+    """
+
+    def __init__(self, name: str, rows: datasets.Dataset, transform: ImageClassificationTransform, skipped_log=None):
+        self.name, self.rows, self.transform, self.skipped_log = name, rows, transform, skipped_log
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.rows[index]
+        try:
+            return self.transform(row)
+        except OSError as error:
+            if self.skipped_log is None:
+                raise OSError(
+                    f"Row {index} of the {self.name} split: {error} To skip such rows instead (counted in the log and "
+                    "the model card), pass --skip_unreadable_images."
+                ) from error
+            record = {"split": self.name, "row": index, "file": row[self.transform.image_column].get("path")}
+            with open(self.skipped_log, "a") as log:  # one short append per row: whole lines from any worker
+                log.write(json.dumps(record) + "\n")
+            logger.warning("Skipped row %d of the %s split: %s", index, self.name, error)
+            return None
 
 
 def apply_transforms(
-    dataset_dict: datasets.DatasetDict, image_col: str, label_col: str, train_tf, eval_tf
-) -> datasets.DatasetDict:
+    dataset_dict: datasets.DatasetDict, image_col: str, label_col: str, train_tf, eval_tf, skipped_log=None
+) -> dict[str, TransformedSplit]:
     """Transform images on the fly: `train_tf` for `train`, `eval_tf` for every other split.
 
-    Images are decoded by :func:`decode_image` rather than by `datasets` so that a broken file is
-    reported by name when it is first read. Returns new datasets; the input is left untouched.
-    Rows only carry `pixel_values` and `labels`, so a Trainer needs `remove_unused_columns=False`.
+    Images are decoded by `decode_image` rather than by `datasets`, so that a broken image is reported by split,
+    row and file when it is first read (or skipped, with `skipped_log`: see `TransformedSplit`). The input is
+    left untouched. Rows only carry `pixel_values` and `labels`, so a Trainer needs `remove_unused_columns=False`.
     """
     undecoded = dataset_dict.cast_column(image_col, datasets.Image(decode=False))
-    return datasets.DatasetDict(
-        {
-            name: split.with_transform(
-                ImageClassificationTransform(image_col, label_col, train_tf if name == "train" else eval_tf)
-            )
-            for name, split in undecoded.items()
-        }
-    )
+    return {
+        name: TransformedSplit(
+            name,
+            split,
+            ImageClassificationTransform(image_col, label_col, train_tf if name == "train" else eval_tf),
+            skipped_log,
+        )
+        for name, split in undecoded.items()
+    }
+
+
+def count_skipped_rows(skipped_log) -> int:
+    """Distinct (split, row) pairs in a skipped-rows log (a bad row is met again every epoch)."""
+    if skipped_log is None or not Path(skipped_log).is_file():
+        return 0
+    lines = Path(skipped_log).read_text().splitlines()
+    return len({(record["split"], record["row"]) for record in map(json.loads, lines)})
+
+
+class SkippedImagesCallback(TrainerCallback):
+    """Adds `skipped_images` (rows skipped so far) to the training logs, when any were."""
+
+    def __init__(self, skipped_log):
+        self.skipped_log = skipped_log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and (skipped := count_skipped_rows(self.skipped_log)):
+            logs["skipped_images"] = skipped
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["skipped_images"] = skipped
 
 
 class EpochSeededDataset(torch.utils.data.Dataset):
@@ -511,8 +573,11 @@ class SetEpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(state.epoch or 0))
 
 
-def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack transformed rows into a batch; pass as a Trainer's `data_collator`."""
+def collate_fn(examples: list[dict | None]) -> dict[str, torch.Tensor]:
+    """Stack transformed rows into a batch, leaving out skipped (None) rows; pass as a Trainer's `data_collator`."""
+    examples = [example for example in examples if example is not None]
+    if not examples:
+        raise OSError("Every image of this batch was unreadable and skipped; see the skipped-rows log.")
     return {
         "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
         "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),

@@ -29,9 +29,11 @@ from .data import (
     DataArguments,
     EpochSeededDataset,
     SetEpochCallback,
+    SkippedImagesCallback,
     apply_transforms,
     build_transforms,
     collate_fn,
+    count_skipped_rows,
     detect_columns,
     label_names,
     load_splits,
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "timm/resnet50.a1_in1k"  # the paper's backbone: ImageNet ResNet-50
 CONFIG_FILE = "rifle_config.json"
+SKIPPED_IMAGES_FILE = "skipped_images.jsonl"
 # Settings that change how a run is logged, saved or shared, not what it trains: a run may resume with others.
 OPERATIONAL_SETTINGS = {
     "output_dir",
@@ -353,7 +356,8 @@ def train_evaluate_save(
     train_transform, eval_transform = build_transforms(
         preprocessing["mean"], preprocessing["std"], data_args.resize_size, data_args.crop_size
     )
-    splits = apply_transforms(splits, image_column, label_column, train_transform, eval_transform)
+    skipped_log = Path(args.output_dir, SKIPPED_IMAGES_FILE) if data_args.skip_unreadable_images else None
+    splits = apply_transforms(splits, image_column, label_column, train_transform, eval_transform, skipped_log)
     train_dataset = EpochSeededDataset(splits["train"], args.seed)
 
     # 3. Train (resuming from the last checkpoint in output_dir, if any)
@@ -369,6 +373,8 @@ def train_evaluate_save(
         callbacks=callbacks,
     )
     trainer.add_callback(SetEpochCallback(train_dataset))
+    if skipped_log is not None:
+        trainer.add_callback(SkippedImagesCallback(skipped_log))
     trainer.add_callback(RecordRunConfig(record))
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
@@ -386,6 +392,7 @@ def train_evaluate_save(
         finetuned_from=model_args.model_name_or_path or (DEMO_BASE_MODEL if data_args.demo else DEFAULT_MODEL),
         dataset=data_args.dataset_name or data_args.train_dir or f"{data_args.demo_source} digits (offline demo)",
         dataset_args=data_args.dataset_config_name,
+        extra_settings=skipped_images_settings(skipped_log),
     )
     trainer.create_model_card(**card_kwargs)
     if args.push_to_hub:
@@ -393,6 +400,13 @@ def train_evaluate_save(
     if trainer.is_world_process_zero():
         print(summary(metrics, args))
     return metrics
+
+
+def skipped_images_settings(skipped_log) -> list[tuple[str, str]]:
+    """The card's record of `--skip_unreadable_images`: how many rows were left out, and where they are listed."""
+    if skipped_log is None:
+        return []
+    return [("unreadable images skipped", f"{count_skipped_rows(skipped_log)} (listed in {SKIPPED_IMAGES_FILE})")]
 
 
 def cli() -> None:

@@ -67,3 +67,23 @@ def test_parser_reads_json_and_yaml_files(tmp_path, suffix):
 def test_bad_settings_are_rejected_with_the_fix(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         RifleConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_l2_is_the_papers_weight_decay_unless_set_and_l2sp_has_none():
+    from hf_rifle.card import run_settings
+
+    assert RifleConfig(output_dir="out").weight_decay == 1e-4
+    assert RifleConfig(output_dir="out", weight_decay=0.01).weight_decay == 0.01
+    assert RifleConfig(output_dir="out", weight_decay=0.0).weight_decay == 0.0
+    l2sp = RifleConfig(output_dir="out", regularizer="l2sp")
+    assert l2sp.weight_decay == 0.0
+    assert ("weight decay", "0.0001") in run_settings(RifleConfig(output_dir="out"))
+    assert json.loads(RifleConfig(output_dir="out").to_json_string())["weight_decay"] == 1e-4
+
+
+def test_l2sp_with_weight_decay_is_refused_as_double_regularization(tmp_path):
+    with pytest.raises(ValueError, match="regularizer='l2sp' with weight_decay=0.01 regularizes twice"):
+        RifleConfig(output_dir=str(tmp_path), regularizer="l2sp", weight_decay=0.01)
+    parser = HfArgumentParser(RifleConfig)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--weight_decay", "0.001"])
+    assert args.weight_decay == 0.001

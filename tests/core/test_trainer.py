@@ -138,6 +138,7 @@ def test_l2sp_gradient_is_added_to_each_update(tmp_path):
             max_steps=1,
             num_periods=1,
             regularizer=regularizer,
+            weight_decay=0.0,  # L2 without its weight decay: the two runs differ by the L2-SP gradient alone
             l2sp_alpha=0.7,
             l2sp_beta=0.5,
             lr_scheduler_type="constant",

@@ -197,3 +197,54 @@ def test_an_incomplete_checkpoint_named_on_the_command_line_stops_the_recipe_fir
     (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").unlink()
     with pytest.raises(ValueError, match="checkpoint-4 is incomplete: trainer_state.json is missing"):
         main([*argv, "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-4")])
+
+
+def parquet_dataset_with_a_broken_image(folder) -> tuple[Path, int]:
+    """A dataset folder as a Hub dataset repo holds it (parquet splits, images as bytes without files), whose
+    train split has one truncated image; returns the folder and that row's index."""
+    import io
+
+    import datasets
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["cat", "dog"]))
+    folder.mkdir(parents=True)
+    broken_row = 5
+    for split, size in (("train", 12), ("validation", 4)):
+        images = [{"bytes": png(), "path": None} for _ in range(size)]
+        if split == "train":
+            images[broken_row]["bytes"] = images[broken_row]["bytes"][:60]
+        rows = {"image": images, "label": [i % 2 for i in range(size)]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    return folder, broken_row
+
+
+def test_an_undecodable_dataset_row_stops_the_run_naming_split_and_row(tmp_path, data_and_model):
+    dataset, row = parquet_dataset_with_a_broken_image(tmp_path / "dataset")
+    _, model = data_and_model
+    argv = recipe_flags(tmp_path / "run", "--model_name_or_path", str(model), "--dataset_name", str(dataset))
+    with pytest.raises(OSError, match=rf"Row {row} of the train split: Cannot read image .*--skip_unreadable_images"):
+        main(argv)
+
+
+def test_undecodable_rows_are_skipped_on_request_and_counted_in_logs_and_card(tmp_path, data_and_model):
+    dataset, row = parquet_dataset_with_a_broken_image(tmp_path / "dataset")
+    _, model = data_and_model
+    output_dir = tmp_path / "run"
+    argv = recipe_flags(output_dir, "--model_name_or_path", str(model), "--dataset_name", str(dataset))
+    main([*argv, "--skip_unreadable_images", "--logging_steps", "1"])
+    skipped = [json.loads(line) for line in (output_dir / "skipped_images.jsonl").read_text().splitlines()]
+    assert {(record["split"], record["row"]) for record in skipped} == {("train", row)}
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [entry for entry in history if "loss" in entry][-1]["skipped_images"] == 1
+    assert (
+        "| unreadable images skipped | 1 (listed in skipped_images.jsonl) |" in (output_dir / "README.md").read_text()
+    )
