@@ -217,7 +217,8 @@ def training_kwargs(settings: argparse.Namespace, device: str, output_dir: str) 
 
 
 def build_trainer(variant: str, model, dataset, settings, device: str, recorder: StepRecorder, output_dir: str):
-    """The variant's trainer with `recorder` as its first callback, ahead of `RifleTrainerCallback`."""
+    """The variant's trainer with `recorder` among its callbacks (`RifleTrainerCallback` moves itself first; its
+    re-initialization steps are not timed)."""
     shared = training_kwargs(settings, device, output_dir)
     if variant in ("rifle_l2sp", "rifle_l2sp_autograd"):
         args = RifleConfig(

@@ -9,6 +9,8 @@ optimisation at a resolution that fits 2 CPU cores: SGD momentum 0.9, lr 0.01, c
     python benchmarks/transfer.py --settings mnist-10 mnist-30 --seeds 1 2 3
     python benchmarks/transfer.py --epochs 12           # too short for RIFLE: see docs/benchmarks.md
     python benchmarks/transfer.py --resolution 224      # the GPU run (benchmarks/gpu.sh)
+    python benchmarks/transfer.py --regularizers l2     # re-run the L2 rows only; the L2-SP rows of the
+                                                        # existing result file are kept
 """
 
 import argparse
@@ -34,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=["sklearn-10"], choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--num_periods", type=int, default=3)
+    parser.add_argument("--regularizers", nargs="+", default=["l2", "l2sp"], choices=["l2", "l2sp"])
     parser.add_argument(
         "--epochs", type=int, default=40, help="the paper's 40: shorter runs leave RIFLE's head unconverged"
     )
@@ -83,6 +86,8 @@ def main(argv=None):
                 "rifle",
                 "--seeds",
                 *map(str, args.seeds),
+                "--regularizers",
+                *args.regularizers,
                 "--sweep_dir",
                 str(sweep_dir),
                 "--dataset_label",
@@ -97,8 +102,21 @@ def main(argv=None):
     default_name = f"transfer-{'+'.join(args.settings)}-{args.resolution}px-{args.epochs}ep.json"
     output = Path(args.output or Path("benchmarks/results") / default_name)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if output.is_file():  # keep the other regularizers' runs of an earlier report, re-summarized with the new ones
+        for name, earlier in json.loads(output.read_text())["results"].items():
+            if name in report["results"]:
+                kept = [run for run in earlier["runs"] if run["regularizer"] not in args.regularizers]
+                report["results"][name] = merged_result(kept + report["results"][name]["runs"], name, args)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
+
+
+def merged_result(runs: list[dict], name: str, args) -> dict:
+    """A setting's result from runs of several sweeps: runs, summary and table, as one sweep writes them."""
+    runs = sorted(runs, key=lambda run: (run["seed"], run["regularizer"], run["method"]))
+    summary = sweeps.summarize(runs)
+    table = sweeps.markdown_table(summary, f"digits {name}, {args.epochs} epochs", runs[0]["split"])
+    return {"runs": runs, "summary": summary, "table": table + "\n"}
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 CASES = {
     "sgd-momentum": dict(optim="sgd", optim_args="momentum=0.9"),
-    "adamw": dict(optim="adamw_torch", optim_args=None, learning_rate=0.001, weight_decay=0.01),
+    "adamw": dict(optim="adamw_torch", optim_args=None, learning_rate=0.001),
     "sgd-momentum-ga2": dict(optim="sgd", optim_args="momentum=0.9", gradient_accumulation_steps=2),
 }  # fmt: skip
 
@@ -73,9 +73,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_plain_trainer_with_the_callback_ends_with_rifle_trainers_weights(tmp_path, case, regularizer):
     method = dict(num_periods=3, regularizer=regularizer, l2sp_alpha=0.5, l2sp_beta=0.1)
-    plain_model, plain = plain_trainer(tmp_path / "plain", method, torch.float64, **CASES[case])
+    settings = {**CASES[case], "weight_decay": 0.01 if regularizer == "l2" else 0.0}  # L2 is weight decay
+    plain_model, plain = plain_trainer(tmp_path / "plain", method, torch.float64, **settings)
     plain.train()
-    rifle_model, rifle = rifle_trainer(tmp_path / "rifle", method, torch.float64, **CASES[case])
+    rifle_model, rifle = rifle_trainer(tmp_path / "rifle", method, torch.float64, **settings)
     rifle.train()
     assert_same_weights(plain_model, rifle_model)
     moved = [
