@@ -132,3 +132,25 @@ def run_docstring_example(obj, globs: dict) -> doctest.TestResults:
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
     return runner.summarize(verbose=False)
+
+
+def tiny_run_settings(output_dir, **overrides) -> dict:
+    """Trainer settings for a few steps of a tiny model on CPU: SGD momentum, cosine, no clipping, no saving."""
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=9,
+        seed=3,
+        learning_rate=0.01,
+        lr_scheduler_type="cosine",
+        max_grad_norm=0.0,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return {**settings, **overrides}

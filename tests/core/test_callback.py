@@ -9,9 +9,8 @@ from transformers import Trainer, TrainingArguments
 from hf_rifle import RifleConfig, RifleTrainer, RifleTrainerCallback, cyclic_cosine_factor, find_head
 from hf_rifle.optim import check_update_scales_with_lr, record_head_update_, rescale_head_update_
 
-from ..helpers import RandomImages, native_resnet, timm_wrapper_resnet
+from ..helpers import RandomImages, native_resnet, timm_wrapper_resnet, tiny_run_settings
 
-FAST = dict(report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
 # Rounding of the rescaled update (w_before + scale * (w - w_before)) in float64, accumulated over 9 steps of a
 # tiny random net whose gradient norms reach the hundreds, so that rounding grows ~10x a step.
 TOLERANCE = dict(rtol=1e-8, atol=1e-8)
@@ -19,21 +18,7 @@ TOLERANCE = dict(rtol=1e-8, atol=1e-8)
 
 def shared_settings(output_dir, **overrides) -> dict:
     """Training settings both paths get: cosine, no clipping, one seed."""
-    settings = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        max_steps=9,
-        seed=3,
-        learning_rate=0.01,
-        lr_scheduler_type="cosine",
-        max_grad_norm=0.0,
-        optim="sgd",
-        optim_args="momentum=0.9",
-        logging_steps=1,
-        save_strategy="no",
-        **FAST,
-    )
-    return {**settings, **overrides}
+    return tiny_run_settings(output_dir, **overrides)
 
 
 def model_and_data(dtype: torch.dtype):

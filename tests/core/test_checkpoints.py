@@ -9,26 +9,13 @@ import torch
 from hf_rifle import RifleConfig, RifleTrainer
 from hf_rifle.checkpoints import MANIFEST, STAGING_DIR, checkpoint_problems
 
-from ..helpers import RandomImages, timm_wrapper_resnet
-
-FAST = dict(report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+from ..helpers import RandomImages, timm_wrapper_resnet, tiny_run_settings
 
 
 def trainer(output_dir, **overrides):
     model = timm_wrapper_resnet()
-    settings = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        max_steps=9,
-        num_periods=3,
-        seed=3,
-        optim="sgd",
-        optim_args="momentum=0.9",
-        learning_rate=0.05,
-        regularizer="l2sp",
-        save_strategy="steps",
-        save_steps=3,
-        **FAST,
+    settings = tiny_run_settings(
+        output_dir, learning_rate=0.05, regularizer="l2sp", num_periods=3, save_strategy="steps", save_steps=3
     )
     return model, RifleTrainer(model=model, args=RifleConfig(**{**settings, **overrides}), train_dataset=RandomImages())
 

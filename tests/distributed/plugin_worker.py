@@ -9,26 +9,12 @@ from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers
 
-from helpers import RandomImages, timm_wrapper_resnet  # noqa: E402
+from helpers import RandomImages, timm_wrapper_resnet, tiny_run_settings  # noqa: E402
 
 from hf_rifle import RifleConfig, RifleTrainer, RifleTrainerCallback  # noqa: E402
 
 METHOD = dict(num_periods=3, regularizer="l2sp", l2sp_alpha=0.5, l2sp_beta=0.1)
-SETTINGS = dict(
-    per_device_train_batch_size=2,
-    max_steps=6,
-    seed=3,
-    learning_rate=0.01,
-    lr_scheduler_type="cosine",
-    max_grad_norm=0.0,
-    optim="sgd",
-    optim_args="momentum=0.9",
-    save_strategy="no",
-    report_to="none",
-    use_cpu=True,
-    disable_tqdm=True,
-    dataloader_num_workers=0,
-)
+SETTINGS = dict(per_device_train_batch_size=2, max_steps=6, logging_steps=500)
 
 if __name__ == "__main__":
     path, output_dir = sys.argv[1], sys.argv[2]
@@ -36,11 +22,11 @@ if __name__ == "__main__":
     data = RandomImages()
     data.images = data.images.double()
     if path == "callback":
-        args = TrainingArguments(output_dir=output_dir, **SETTINGS)
+        args = TrainingArguments(**tiny_run_settings(output_dir, **SETTINGS))
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[RifleTrainerCallback(**METHOD)])
     else:
         trainer = RifleTrainer(
-            model=model, args=RifleConfig(output_dir=output_dir, **SETTINGS, **METHOD), train_dataset=data
+            model=model, args=RifleConfig(**tiny_run_settings(output_dir, **SETTINGS), **METHOD), train_dataset=data
         )
     trainer.train()
     if trainer.is_world_process_zero():
