@@ -16,9 +16,15 @@ from transformers.trainer_callback import CallbackHandler
 from .config import PAPER_WEIGHT_DECAY, check_method_settings, check_weight_decay, method_name
 from .functional import reinit_head_at_period_start_
 from .heads import find_head
-from .optim import HEAD_GROUP_KEY, check_update_scales_with_lr, record_head_update_, rescale_head_update_
+from .optim import (
+    HEAD_GROUP_KEY,
+    check_update_scales_with_lr,
+    head_learning_rate,
+    record_head_update_,
+    rescale_head_update_,
+)
 from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
-from .schedule import head_lr_factor, period_starts, position_in_period
+from .schedule import period_starts, position_in_period
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +129,7 @@ class RifleTrainerCallback(TrainerCallback):
         self.l2sp_beta = l2sp_beta
         self.seed = seed
         self._l2sp = None  # (backbone params, their pretrained values, head params)
+        self._head_params = []  # found at train begin
         self._rescale_head = False
         self._head_updates = []
 
@@ -140,7 +147,8 @@ class RifleTrainerCallback(TrainerCallback):
         if args.fsdp or args.deepspeed:
             raise ValueError(SHARDED_TRAINING_REFUSED)
         period_starts(state.max_steps, self.num_periods)
-        find_head(model, self.head_module)
+        _, head = find_head(model, self.head_module)
+        self._head_params = list(head.parameters())  # re-initialization keeps these Parameter objects
         check_weight_decay(self.regularizer, args.weight_decay)
         if self.regularizer == "l2sp" and self._l2sp is None:
             if state.global_step > 0:
@@ -187,9 +195,8 @@ class RifleTrainerCallback(TrainerCallback):
             # of the penalty, added once per optimizer step.
             add_l2sp_gradient_(*self._l2sp, self.l2sp_alpha, self.l2sp_beta)
         if self._rescale_head:
-            _, head = find_head(model, self.head_module)
             self._head_updates = record_head_update_(
-                optimizer, head.parameters(), state.global_step, state.max_steps, self.num_periods, args.learning_rate
+                optimizer, self._head_params, state.global_step, state.max_steps, self.num_periods, args.learning_rate
             )
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -205,9 +212,7 @@ class RifleTrainerCallback(TrainerCallback):
         }
         if self._l2sp is not None:
             values["l2sp_loss"] = l2sp_penalty(*self._l2sp, self.l2sp_alpha, self.l2sp_beta).item()
-        logs.update(values)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(values)  # Trainer copied `logs` into the history before calling us
+        add_to_training_log_(state, logs, values)
 
     def _record_pretrained(self, model) -> None:
         _, head = find_head(model, self.head_module)
@@ -220,9 +225,7 @@ class RifleTrainerCallback(TrainerCallback):
         head_groups = [group for group in groups if group.get(HEAD_GROUP_KEY)]
         if head_groups or self.head_lr_schedule == "trainer":
             return (head_groups or groups)[0]["lr"]
-        group = groups[0]
-        factor = head_lr_factor(state.global_step, state.max_steps, self.num_periods, group["lr"] == 0)
-        return group.get("initial_lr", args.learning_rate) * factor
+        return head_learning_rate(groups[0], state.global_step, state.max_steps, self.num_periods, args.learning_rate)
 
     def _warn_about_settings(self, args, state, model, optimizer) -> None:
         """Settings that silently undo RIFLE, each warned about once, at train begin, with the numbers behind it."""
@@ -248,6 +251,15 @@ class RifleTrainerCallback(TrainerCallback):
             logger.warning(
                 ACCUMULATION_WARNING.format(steps=args.gradient_accumulation_steps, model=type(model).__name__)
             )
+
+
+def add_to_training_log_(state, logs: dict, values: dict) -> None:
+    """From a callback's `on_log`: add `values` to this log entry, for the callbacks after it (reporting
+    integrations included, when it runs before them) and for `trainer_state.json`, into which Trainer copied
+    `logs` before calling any callback."""
+    logs.update(values)
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(values)
 
 
 def _has_head_groups(optimizer) -> bool:

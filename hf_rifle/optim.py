@@ -126,9 +126,16 @@ def record_head_update_(
         group = group_of.get(id(param))
         if group is None or group["lr"] == 0:
             continue
-        target = group.get("initial_lr", peak_lr) * head_lr_factor(step, max_steps, num_periods)
+        target = head_learning_rate(group, step, max_steps, num_periods, peak_lr)
         updates.append(HeadUpdate(param, param.detach().clone(), target / group["lr"]))
     return updates
+
+
+def head_learning_rate(group: dict, step: int, max_steps: int, num_periods: int, peak_lr: float) -> float:
+    """The learning rate the head should have at `step` when it shares param `group` with the backbone: the
+    group's initial (peak) learning rate, `peak_lr` if the scheduler recorded none, times `head_lr_factor`."""
+    factor = head_lr_factor(step, max_steps, num_periods, trainer_lr_is_zero=group["lr"] == 0)
+    return group.get("initial_lr", peak_lr) * factor
 
 
 @torch.no_grad()

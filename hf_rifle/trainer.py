@@ -66,6 +66,7 @@ class RifleTrainer(Trainer):
             )
         # Passed at construction, so with L2-SP the callback records the pretrained backbone before any resume.
         self.rifle = RifleTrainerCallback(**args.method_settings())
+        self._checkpoint_staging = None  # set while `_save_checkpoint` writes: see `_get_output_dir`
         kwargs["callbacks"] = [self.rifle, *(kwargs.get("callbacks") or [])]
         super().__init__(model=model, args=args, **kwargs)
         self.train_data_collator = train_data_collator
@@ -123,7 +124,7 @@ class RifleTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _get_output_dir(self, trial) -> str:
-        staging = getattr(self, "_checkpoint_staging", None)
+        staging = self._checkpoint_staging
         return str(staging) if staging is not None else super()._get_output_dir(trial)
 
     def get_train_dataloader(self):

@@ -22,6 +22,8 @@ from packaging.version import Version
 from torchvision.transforms import v2
 from transformers import TrainerCallback
 
+from ..callback import add_to_training_log_
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_NAMES = ("image", "img", "picture", "photo")
@@ -534,9 +536,7 @@ class SkippedImagesCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and (skipped := count_skipped_rows(self.skipped_log)):
-            logs["skipped_images"] = skipped
-            if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1]["skipped_images"] = skipped
+            add_to_training_log_(state, logs, {"skipped_images": skipped})
 
 
 class EpochSeededDataset(torch.utils.data.Dataset):

@@ -18,7 +18,7 @@ from hf_rifle import (
 )
 from hf_rifle.optim import head_group_indices
 
-from ..helpers import RandomImages, native_resnet, timm_wrapper_resnet
+from ..helpers import RandomImages, native_resnet, timm_wrapper_resnet, tiny_run_settings
 
 FAST = dict(report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", dataloader_num_workers=0)
 
@@ -46,18 +46,8 @@ class Recorder(TrainerCallback):
 
 
 def rifle_config(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=9,
-        num_periods=3,
-        seed=3,
-        optim="sgd",
-        learning_rate=0.1,
-        logging_steps=1,
-        **FAST,
-    )
-    return RifleConfig(**{**settings, **overrides})
+    """Plain SGD (no momentum) at lr 0.1, K=3 over 9 steps."""
+    return RifleConfig(**tiny_run_settings(tmp_path, **{"learning_rate": 0.1, "optim_args": None, **overrides}))
 
 
 def test_zero_learning_rate_changes_the_head_only_by_reinit_at_period_starts(tmp_path):
