@@ -34,11 +34,11 @@ from hf_rifle.recipe.data import (
     EpochSeededDataset,
     SetEpochCallback,
     apply_transforms,
-    build_transforms,
     collate_fn,
     detect_columns,
 )
 from hf_rifle.recipe.demo import DIGIT_CLASS_NAMES, load_demo_splits
+from hf_rifle.recipe.images import NormalizingCollator
 from hf_rifle.recipe.metrics import compute_classification_metrics
 from hf_rifle.recipe.models import image_processing_config, image_processor_for
 
@@ -58,14 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def prepared_data(seed: int, samples_per_class: int, model):
-    """The recipe's demo splits for `seed`, transformed as the recipe does for `model`."""
+    """The recipe's demo splits for `seed` as uint8 inputs, and a collator normalizing them as `model` expects."""
     data_args = DataArguments(demo=True, samples_per_class=samples_per_class, resize_size=64, crop_size=56)
     splits = load_demo_splits(data_args, seed)
     image_column, label_column = detect_columns(splits["train"].features)
     processor = image_processor_for(model, data_args.resize_size, data_args.crop_size)
     preprocessing = image_processing_config(model, processor)
-    train_transform, eval_transform = build_transforms(preprocessing["mean"], preprocessing["std"], 64, 56)
-    return apply_transforms(splits, image_column, label_column, train_transform, eval_transform)
+    inputs = apply_transforms(splits, image_column, label_column, data_args.resize_size, data_args.crop_size)
+    return inputs, NormalizingCollator(collate_fn, preprocessing["mean"], preprocessing["std"])
 
 
 def run(variant: str, seed: int, settings: argparse.Namespace, output_dir: str) -> float:
@@ -74,7 +74,7 @@ def run(variant: str, seed: int, settings: argparse.Namespace, output_dir: str) 
     data_args = DataArguments(demo=True, samples_per_class=settings.samples_per_class)
     with tempfile.TemporaryDirectory() as workdir:
         model = load_model(ModelArguments(), data_args, DIGIT_CLASS_NAMES, workdir)
-    splits = prepared_data(seed, settings.samples_per_class, model)
+    splits, collator = prepared_data(seed, settings.samples_per_class, model)
     train = EpochSeededDataset(splits["train"], seed)
     training = dict(
         output_dir=output_dir,
@@ -101,7 +101,7 @@ def run(variant: str, seed: int, settings: argparse.Namespace, output_dir: str) 
         model=model,
         train_dataset=train,
         eval_dataset=splits["validation"],
-        data_collator=collate_fn,
+        data_collator=collator,
         compute_metrics=compute_classification_metrics,
         callbacks=[SetEpochCallback(train)],
     )

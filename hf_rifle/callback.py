@@ -22,6 +22,7 @@ from .optim import (
     head_learning_rate,
     record_head_update_,
     rescale_head_update_,
+    unscale_gradients_,
 )
 from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
 from .schedule import period_starts, position_in_period
@@ -191,8 +192,9 @@ class RifleTrainerCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._l2sp is not None:
-            # After backward, DDP's averaging and clipping (which also unscales fp16 gradients): the exact gradient
-            # of the penalty, added once per optimizer step.
+            # After backward, DDP's averaging and clipping: the exact gradient of the penalty, added once per
+            # optimizer step to unscaled gradients (fp16 loss scaling, with or without clipping).
+            unscale_gradients_(optimizer)
             add_l2sp_gradient_(*self._l2sp, self.l2sp_alpha, self.l2sp_beta)
         if self._rescale_head:
             self._head_updates = record_head_update_(

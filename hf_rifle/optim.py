@@ -84,6 +84,21 @@ def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+def unscale_gradients_(optimizer: torch.optim.Optimizer) -> None:
+    """Divide the gradients by fp16 mixed precision's loss scale now, if accelerate's `GradScaler` has not yet.
+
+    Clipping unscales them; without clipping they stay scaled until the optimizer step, so a gradient added in
+    between (L2-SP's) would be divided by the loss scale. Unscaling once here is what clipping does: the scaler
+    then skips its own unscale and still skips steps whose gradients overflowed.
+    """
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    inner = base_optimizer(optimizer)
+    if scaler._per_optimizer_states[id(inner)]["stage"] is not torch.amp.grad_scaler.OptState.UNSCALED:
+        scaler.unscale_(inner)
+
+
 def check_update_scales_with_lr(optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer for which rescaling the head's update is not a learning rate of its own."""
     inner = base_optimizer(optimizer)

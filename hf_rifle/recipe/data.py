@@ -16,13 +16,12 @@ from typing import Literal, get_args
 
 import datasets
 import numpy as np
-import PIL.Image
 import torch
 from packaging.version import Version
-from torchvision.transforms import v2
 from transformers import TrainerCallback
 
 from ..callback import add_to_training_log_
+from .images import CachedImages, PrepareImage, cached_images, train_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +100,21 @@ class DataArguments:
             "counted in the logs and the model card) instead of stopping the run with the split and row."
         },
     )
+    image_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode and resize each image once and keep it as uint8 in a cache that later epochs and later "
+            "runs on the same data and sizes reuse (in --cache_dir, else the datasets cache). Off: decode and resize "
+            "every image every epoch."
+        },
+    )
+    image_cache_max_gb: float = field(
+        default=50.0,
+        metadata={
+            "help": "Largest image cache (GB) to build for one split; a larger split is decoded on the fly, with a "
+            "warning. Shorter side 256 takes about 0.26 MB per 4:3 image."
+        },
+    )
     demo: bool = field(
         default=False,
         metadata={
@@ -119,6 +133,8 @@ class DataArguments:
         self._check_sources()
         if not 0 < self.train_val_split < 1:
             raise ValueError(f"--train_val_split must lie strictly between 0 and 1, got {self.train_val_split}.")
+        if self.image_cache_max_gb < 0:
+            raise ValueError(f"--image_cache_max_gb must be 0 or more, got {self.image_cache_max_gb}.")
         for name in ("max_train_samples", "max_eval_samples", "samples_per_class", "resize_size", "crop_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -174,8 +190,6 @@ def _load_dataset_splits(args, seed, cache_dir, token) -> datasets.DatasetDict:
     if "train" not in raw:
         raise ValueError(f"The dataset has no 'train' split (it has {sorted(raw)}); RIFLE fine-tuning needs one.")
     image_col, label_col = detect_columns(raw["train"].features, args.image_column_name, args.label_column_name)
-    if not args.dataset_name:
-        check_images_readable(raw, image_col)
     splits = _train_validation_test(encode_labels(raw, label_col), label_col, args.train_val_split, seed)
     if args.samples_per_class is not None:
         splits["train"] = class_balanced_subset(splits["train"], label_col, args.samples_per_class, seed)
@@ -414,110 +428,97 @@ def draw_per_class(labels: np.ndarray, class_names: list[str], counts: list[int]
     return [np.sort(np.concatenate(draw)) for draw in draws]
 
 
-def build_transforms(
-    mean: list[float], std: list[float], resize_size: int = 256, crop_size: int = 224
-) -> tuple[v2.Compose, v2.Compose]:
-    """The RIFLE paper's transforms: `(train, eval)` mapping a PIL image to a normalized float tensor.
+def apply_transforms(
+    dataset_dict: datasets.DatasetDict,
+    image_col: str,
+    label_col: str,
+    resize_size: int,
+    crop_size: int,
+    skipped_log=None,
+    cache_root: Path | None = None,
+    cache_max_bytes: int = 0,
+    num_workers: int = 0,
+) -> dict[str, TransformedSplit]:
+    """Every split as uint8 model inputs: `train` resized (shorter side `resize_size`), randomly cropped and flipped;
+    the other splits resized and center-cropped. Normalization happens later, on the training device.
 
-    Train: resize the shorter side, random crop, random horizontal flip. Eval: resize, center crop.
-    Images are converted to RGB first, so grayscale data (digits, MNIST) fits ImageNet models.
+    With `cache_root`, each split's resized images (center crops for evaluation splits) are decoded once into the
+    cache there, or read from it when an earlier run built it; a split that would exceed `cache_max_bytes` is
+    decoded on the fly instead. Building the cache reads every image, so an unreadable one stops the run before
+    training with its split, row and file, unless `skipped_log` is given (`--skip_unreadable_images`): see
+    `TransformedSplit`. The input is left untouched; rows only carry `pixel_values` and `labels`, so a Trainer needs
+    `remove_unused_columns=False`.
     """
-    to_normalized_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train = v2.Compose(
-        [v2.RGB(), v2.Resize(resize_size), v2.RandomCrop(crop_size), v2.RandomHorizontalFlip(), *to_normalized_tensor]
+    undecoded = dataset_dict.cast_column(image_col, datasets.Image(decode=False))
+    splits = {}
+    for name, rows in undecoded.items():
+        prepare = PrepareImage(resize_size, center_crop=None if name == "train" else crop_size)
+        cached = None
+        if cache_root is not None:
+            cached = cached_images(name, rows, image_col, prepare, cache_root, cache_max_bytes, num_workers)
+        if cached is not None and cached.unreadable and skipped_log is None:
+            first = cached.unreadable[0]
+            raise OSError(_unreadable_row_message(name, first["row"], first["error"], len(cached.unreadable)))
+        augment = train_augmentation(crop_size) if name == "train" else None
+        splits[name] = TransformedSplit(name, rows, image_col, label_col, prepare, augment, cached, skipped_log)
+    return splits
+
+
+def _unreadable_row_message(split: str, row: int, error, count: int = 1) -> str:
+    others = f" ({count - 1} more rows of this split are unreadable too)" if count > 1 else ""
+    return (
+        f"Row {row} of the {split} split: {error}{others} To skip such rows instead (counted in the log and the "
+        "model card), pass --skip_unreadable_images."
     )
-    evaluation = v2.Compose([v2.RGB(), v2.Resize(resize_size), v2.CenterCrop(crop_size), *to_normalized_tensor])
-    return train, evaluation
-
-
-_IMAGE_DECODER = datasets.Image()
-
-
-def decode_image(encoded: dict) -> PIL.Image.Image:
-    """Decode one `{"bytes", "path"}` value; an unreadable or truncated file raises naming the file."""
-    try:
-        return _IMAGE_DECODER.decode_example(encoded)
-    except (OSError, SyntaxError) as error:
-        where = encoded.get("path") or "(stored as bytes without a file name)"
-        raise OSError(f"Cannot read image {where}: {error}. Replace or delete this file and run again.") from error
-
-
-def check_images_readable(dataset_dict: datasets.DatasetDict, image_col: str) -> None:
-    """Decode every image once, so a broken file in a local folder stops the run before anything is
-    written or trained, with its path in the error."""
-    for split in dataset_dict.values():
-        for encoded in split.cast_column(image_col, datasets.Image(decode=False))[image_col]:
-            decode_image(encoded)
-
-
-class ImageClassificationTransform:
-    """Turns one raw row into `pixel_values` and `labels`.
-
-    A module-level class rather than a closure so DataLoader worker processes can pickle it.
-    """
-
-    def __init__(self, image_column: str, label_column: str, image_transform):
-        self.image_column = image_column
-        self.label_column = label_column
-        self.image_transform = image_transform
-
-    def __call__(self, row: dict) -> dict:
-        return {
-            "pixel_values": self.image_transform(decode_image(row[self.image_column])),
-            "labels": row[self.label_column],
-        }
 
 
 class TransformedSplit(torch.utils.data.Dataset):
-    """One split's rows as model inputs, decoded row by row, so an image that cannot be decoded (a Hub row as much
-    as a local file) is reported by split and row index when it is first read, mid-training included.
+    """One split's rows as uint8 model inputs: the prepared image (from the cache, or decoded now), then the
+    augmentation (training only). Picklable, so DataLoader workers can use it.
 
-    With `skipped_log` (the recipe's `--skip_unreadable_images`), such a row becomes None, which `collate_fn`
-    drops, and is appended to that JSON-lines file, which the recipe counts for its logs and card.
+    An image that cannot be decoded (a Hub row as much as a local file) is reported by split and row index. With
+    `skipped_log` (the recipe's `--skip_unreadable_images`), such a row becomes None, which `collate_fn` drops, and
+    is appended to that JSON-lines file, which the recipe counts for its logs and card.
     """
 
-    def __init__(self, name: str, rows: datasets.Dataset, transform: ImageClassificationTransform, skipped_log=None):
-        self.name, self.rows, self.transform, self.skipped_log = name, rows, transform, skipped_log
+    def __init__(
+        self,
+        name: str,
+        rows: datasets.Dataset,
+        image_column: str,
+        label_column: str,
+        prepare: PrepareImage,
+        augment=None,
+        cached: CachedImages | None = None,
+        skipped_log=None,
+    ):
+        self.name, self.rows, self.image_column, self.prepare = name, rows, image_column, prepare
+        self.labels = rows.with_format("numpy")[label_column][:].tolist()
+        self.augment, self.cached, self.skipped_log = augment, cached, skipped_log
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict | None:
-        row = self.rows[index]
-        try:
-            return self.transform(row)
-        except OSError as error:
-            if self.skipped_log is None:
-                raise OSError(
-                    f"Row {index} of the {self.name} split: {error} To skip such rows instead (counted in the log and "
-                    "the model card), pass --skip_unreadable_images."
-                ) from error
-            record = {"split": self.name, "row": index, "file": row[self.transform.image_column].get("path")}
-            with open(self.skipped_log, "a") as log:  # one short append per row: whole lines from any worker
-                log.write(json.dumps(record) + "\n")
-            logger.warning("Skipped row %d of the %s split: %s", index, self.name, error)
-            return None
+        if self.cached is not None:
+            image = self.cached[index]
+            if image is None:
+                problem = next(record for record in self.cached.unreadable if record["row"] == index)
+                return self._skip(index, problem["file"], problem["error"])
+        else:
+            encoded = self.rows[index][self.image_column]
+            try:
+                image = self.prepare(encoded)
+            except OSError as error:
+                if self.skipped_log is None:
+                    raise OSError(_unreadable_row_message(self.name, index, error)) from error
+                return self._skip(index, encoded.get("path"), error)
+        return {"pixel_values": self.augment(image) if self.augment else image, "labels": self.labels[index]}
 
-
-def apply_transforms(
-    dataset_dict: datasets.DatasetDict, image_col: str, label_col: str, train_tf, eval_tf, skipped_log=None
-) -> dict[str, TransformedSplit]:
-    """Transform images on the fly: `train_tf` for `train`, `eval_tf` for every other split.
-
-    Images are decoded by `decode_image` rather than by `datasets`, so that a broken image is reported by split,
-    row and file when it is first read (or skipped, with `skipped_log`: see `TransformedSplit`). The input is
-    left untouched. Rows only carry `pixel_values` and `labels`, so a Trainer needs `remove_unused_columns=False`.
-    """
-    undecoded = dataset_dict.cast_column(image_col, datasets.Image(decode=False))
-    return {
-        name: TransformedSplit(
-            name,
-            split,
-            ImageClassificationTransform(image_col, label_col, train_tf if name == "train" else eval_tf),
-            skipped_log,
-        )
-        for name, split in undecoded.items()
-    }
+    def _skip(self, index: int, file: str | None, error) -> None:
+        with open(self.skipped_log, "a") as log:  # one short append per row: whole lines from any worker
+            log.write(json.dumps({"split": self.name, "row": index, "file": file}) + "\n")
+        logger.warning("Skipped row %d of the %s split: %s", index, self.name, error)
 
 
 def count_skipped_rows(skipped_log) -> int:
@@ -545,14 +546,20 @@ class EpochSeededDataset(torch.utils.data.Dataset):
     The crops and flips a row gets no longer depend on the global random stream, so a run resumed from a
     checkpoint (whose saved RNG state is a prefetched batch ahead) sees the same images as the uninterrupted
     run, and runs that differ only in method see the same augmentation. `set_epoch` must be called at each
-    epoch start, before the DataLoader iterator (and its workers) are created: see `SetEpochCallback`.
+    epoch start, before the DataLoader iterator is created: see `SetEpochCallback`. The epoch lives in shared
+    memory, so persistent DataLoader workers (created once, with their own copy of the dataset) see it change.
     """
 
     def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -1,5 +1,7 @@
+import io
 import pickle
 import re
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -10,9 +12,7 @@ from transformers import HfArgumentParser
 
 from hf_rifle.recipe.data import (
     DataArguments,
-    ImageClassificationTransform,
     apply_transforms,
-    build_transforms,
     class_balanced_subset,
     collate_fn,
     detect_columns,
@@ -21,6 +21,7 @@ from hf_rifle.recipe.data import (
     load_splits,
 )
 from hf_rifle.recipe.demo import digits_demo_splits, load_demo_splits
+from hf_rifle.recipe.images import PrepareImage, normalize_pixels
 
 from ..helpers import CLASSES, write_image_folders
 
@@ -120,20 +121,22 @@ def test_missing_folder_is_named(tmp_path):
         load_folders(tmp_path, train_dir=str(tmp_path / "nowhere"))
 
 
-def test_truncated_image_in_a_local_folder_is_named_when_loading(tmp_path, folders):
-    broken = folders["validation"] / "dog" / "1.png"
+def test_truncated_image_in_a_local_folder_stops_the_image_cache_build_naming_split_row_and_file(tmp_path, folders):
+    splits = load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
+    broken_row = 1
+    broken = Path(image_paths(splits["validation"])[broken_row])
     broken.write_bytes(broken.read_bytes()[:60])
-    with pytest.raises(OSError, match=f"Cannot read image {re.escape(str(broken))}: "):
-        load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
+    message = rf"Row {broken_row} of the validation split: Cannot read image {re.escape(str(broken))}: "
+    with pytest.raises(OSError, match=message):
+        apply_transforms(splits, "image", "label", 16, 8, cache_root=tmp_path / "images", cache_max_bytes=10**9)
 
 
 def test_an_image_that_breaks_later_is_named_when_read(tmp_path, folders):
     splits = load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
     broken = folders["train"] / "dog" / "1.png"
     broken.write_bytes(broken.read_bytes()[:60])
-    train_tf, eval_tf = build_transforms(MEAN, STD, resize_size=16, crop_size=8)
-    transformed = apply_transforms(splits, "image", "label", train_tf, eval_tf)
-    with pytest.raises(OSError, match=f"Cannot read image {re.escape(str(broken))}: "):
+    transformed = apply_transforms(splits, "image", "label", resize_size=16, crop_size=8)  # no cache: decoded when read
+    with pytest.raises(OSError, match=f"of the train split: Cannot read image {re.escape(str(broken))}: "):
         for index in range(len(transformed["train"])):
             transformed["train"][index]
 
@@ -254,41 +257,57 @@ def test_class_balanced_subset_names_the_short_classes(unbalanced):
 # Transforms and collation
 
 
-def test_transforms_resize_crop_and_normalize_grayscale_images():
-    train_tf, eval_tf = build_transforms(MEAN, STD)
+def test_inputs_are_uint8_resized_cropped_rgb_and_normalize_to_the_float_values():
     gray = PIL.Image.fromarray(np.full((8, 10), 51, dtype=np.uint8))
-    expected = (0.2 - torch.tensor(MEAN)) / torch.tensor(STD)
-    for transform in (train_tf, eval_tf):
-        pixels = transform(gray)
-        assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.float32
-        torch.testing.assert_close(pixels.mean(dim=(1, 2)), expected)
+    splits = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(
+                {"image": [gray], "label": [0]},
+                features=datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b"])),
+            )
+            for name in ("train", "validation")
+        }
+    )
+    for split in apply_transforms(splits, "image", "label", 256, 224).values():
+        pixels = split[0]["pixel_values"]
+        assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
+        assert (pixels == 51).all()
+        normalized = normalize_pixels(pixels[None], MEAN, STD)[0]
+        torch.testing.assert_close(normalized.mean(dim=(1, 2)), (0.2 - torch.tensor(MEAN)) / torch.tensor(STD))
 
 
-def test_eval_transform_is_a_deterministic_center_crop():
-    _, eval_tf = build_transforms(MEAN, STD, resize_size=32, crop_size=16)
-    ramp = PIL.Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))
-    first, second = eval_tf(ramp), eval_tf(ramp)
+def test_evaluation_inputs_are_a_deterministic_center_crop():
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    encoded = {"bytes": png_bytes(ramp), "path": None}
+    first, second = PrepareImage(32, center_crop=16)(encoded), PrepareImage(32, center_crop=16)(encoded)
     assert first.shape == (3, 16, 16)
     torch.testing.assert_close(first, second)
     assert first[0, 0, 0] < first[0, 0, -1]  # not flipped
 
 
-def test_transformed_splits_collate_into_a_batch():
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_transformed_splits_collate_into_a_uint8_batch():
     splits = digits_demo_splits(samples_per_class=2, seed=0, validation_per_class=1, test_per_class=1)
-    train_tf, eval_tf = build_transforms(MEAN, STD, resize_size=32, crop_size=28)
     image_col, label_col = detect_columns(splits["train"].features)
-    transformed = apply_transforms(splits, image_col, label_col, train_tf, eval_tf)
+    transformed = apply_transforms(splits, image_col, label_col, resize_size=32, crop_size=28)
     batch = collate_fn([transformed["train"][index] for index in range(4)])
-    assert batch["pixel_values"].shape == (4, 3, 28, 28)
+    assert batch["pixel_values"].shape == (4, 3, 28, 28) and batch["pixel_values"].dtype == torch.uint8
     assert batch["labels"].dtype == torch.long
     assert batch["labels"].tolist() == splits["train"]["label"][:4]
     assert "image" in splits["train"][0]  # the input splits are left untouched
 
 
-def test_example_transform_survives_pickling_for_dataloader_workers():
-    train_tf, _ = build_transforms(MEAN, STD, resize_size=16, crop_size=8)
-    restored = pickle.loads(pickle.dumps(ImageClassificationTransform("image", "label", train_tf)))
-    assert restored.image_column == "image"
+def test_transformed_split_survives_pickling_for_dataloader_workers(tmp_path):
+    splits = digits_demo_splits(samples_per_class=2, seed=0, validation_per_class=1, test_per_class=1)
+    image_col, label_col = detect_columns(splits["train"].features)
+    cached = apply_transforms(splits, image_col, label_col, 32, 28, cache_root=tmp_path, cache_max_bytes=10**9)
+    restored = pickle.loads(pickle.dumps(cached["validation"]))
+    torch.testing.assert_close(restored[0]["pixel_values"], cached["validation"][0]["pixel_values"])
 
 
 # Offline digits demo

@@ -1,0 +1,287 @@
+"""Images from file to batch as uint8: decoding, the resized-image cache, crops and flips, normalization on device.
+
+The paper's regime is many epochs (40) over a few thousand images, so each image is decoded and resized once,
+stored as uint8 in a memory-mapped cache that later epochs and later runs on the same data reuse (keyed by the
+dataset's fingerprint and the resize settings), and only the random crop and flip run per epoch, on uint8 tensors.
+Batches stay uint8 (a quarter of float32's bytes through the loader and the host-to-device copy) and are
+converted and normalized on the training device by `normalize_pixels`.
+
+Every value a model sees equals the per-image PIL path (resize the shorter side, crop, flip) within one uint8
+step: torchvision's antialiased uint8 resize follows PIL's, and libjpeg-turbo decodes as PIL does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from ..trainer import RifleTrainer
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when what a cache folder holds changes
+CACHE_ROOT_NAME = "hf_rifle-images"
+JPEG_MAGIC = b"\xff\xd8\xff"
+_PIL_DECODER = datasets.Image()
+
+
+def decode_rgb(encoded: dict) -> torch.Tensor:
+    """Decode one `{"bytes", "path"}` value to a uint8 RGB tensor (3, H, W); an unreadable file raises naming it.
+
+    JPEGs are decoded by libjpeg-turbo (`torchvision.io.decode_jpeg`, about twice PIL's speed with its conversions),
+    everything else, and any JPEG that libjpeg-turbo refuses (truncated, CMYK), by PIL as `datasets` decodes it.
+    Both apply the EXIF orientation, as `datasets` does.
+    """
+    data = _encoded_bytes(encoded)
+    if data is not None and data[:3] == JPEG_MAGIC:
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_jpeg(
+                    torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                    mode=ImageReadMode.UNCHANGED,
+                    apply_exif_orientation=True,
+                )
+            if image.shape[0] in (1, 3):
+                return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+        except RuntimeError:
+            pass  # PIL decides, and names the problem
+    try:
+        return F.pil_to_tensor(_PIL_DECODER.decode_example(encoded).convert("RGB"))
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+        where = encoded.get("path") or "(stored as bytes without a file name)"
+        raise OSError(f"Cannot read image {where}: {error}. Replace or delete this file and run again.") from error
+
+
+def _encoded_bytes(encoded: dict) -> bytes | None:
+    if encoded.get("bytes") is not None:
+        return encoded["bytes"]
+    path = encoded.get("path")
+    return Path(path).read_bytes() if path and os.path.isfile(path) else None
+
+
+class PrepareImage:
+    """The deterministic part of the transforms, what the cache stores: decode, resize the shorter side to
+    `resize_size` (antialiased, as PIL), and for evaluation splits the center crop of `crop_size`."""
+
+    def __init__(self, resize_size: int, center_crop: int | None = None):
+        self.resize_size, self.center_crop = resize_size, center_crop
+
+    def __call__(self, encoded: dict) -> torch.Tensor:
+        image = F.resize(decode_rgb(encoded), self.resize_size, antialias=True)
+        return F.center_crop(image, self.center_crop) if self.center_crop else image
+
+    def describe(self) -> dict:
+        return {"resize_size": self.resize_size, "center_crop": self.center_crop, "resize": "bilinear-antialias"}
+
+
+def train_augmentation(crop_size: int) -> v2.Compose:
+    """The paper's training augmentation on a prepared uint8 image: a uniformly placed crop and a horizontal flip,
+    drawn from torch's default generator (which `EpochSeededDataset` seeds per epoch and row)."""
+    return v2.Compose([v2.RandomCrop(crop_size), v2.RandomHorizontalFlip()])
+
+
+def normalize_pixels(
+    pixels: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32, channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 batch (N, 3, H, W) -> normalized float, on the device `pixels` are on; floats pass through unchanged."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    mean = torch.as_tensor(mean, dtype=dtype, device=pixels.device).view(1, -1, 1, 1) * 255
+    std = torch.as_tensor(std, dtype=dtype, device=pixels.device).view(1, -1, 1, 1) * 255
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return ((pixels.to(dtype) - mean) / std).contiguous(memory_format=memory_format)
+
+
+def is_convolutional(model: torch.nn.Module) -> bool:
+    """A CNN (several 2-D convolutions), not a vision transformer whose one convolution is its patch embedding."""
+    return sum(isinstance(module, torch.nn.Conv2d) for module in model.modules()) > 1
+
+
+class NormalizingCollator:
+    """A collator whose batches are normalized float pixels, for a plain `Trainer` (the recipe's own trainer
+    normalizes on the device instead)."""
+
+    def __init__(self, collator, mean, std):
+        self.collator, self.mean, self.std = collator, list(mean), list(std)
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        return {**batch, "pixel_values": normalize_pixels(batch["pixel_values"], self.mean, self.std)}
+
+
+class CachedImages:
+    """One split's prepared images in a cache folder: `pixels.u8` (all images back to back), `index.npy` (offset,
+    height, width per row; height 0 marks an unreadable image) and `unreadable.json` (row, file, error).
+
+    The pixels are memory-mapped when first read, so DataLoader workers share the page cache instead of copies.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.index = np.load(self.folder / "index.npy")
+        self.unreadable = json.loads((self.folder / "unreadable.json").read_text())
+        self._pixels = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, row: int) -> torch.Tensor | None:
+        offset, height, width = (int(value) for value in self.index[row])
+        if height == 0:
+            return None
+        if self._pixels is None:
+            self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="r")
+        return torch.from_numpy(self._pixels[offset : offset + 3 * height * width].reshape(3, height, width).copy())
+
+    def __getstate__(self) -> dict:  # a worker maps the file itself rather than receiving a pickled copy
+        return {**self.__dict__, "_pixels": None}
+
+
+def default_cache_root(cache_dir: str | None = None) -> Path:
+    """`<cache_dir or the datasets cache>/hf_rifle-images`."""
+    return Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / CACHE_ROOT_NAME
+
+
+def cache_key(rows: datasets.Dataset, image_column: str, prepare: PrepareImage) -> str:
+    """The dataset's fingerprint (it changes with the data, the files and every selection) and the settings."""
+    described = {"fingerprint": rows._fingerprint, "column": image_column, "format": CACHE_FORMAT, **prepare.describe()}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_images(
+    split_name: str,
+    rows: datasets.Dataset,
+    image_column: str,
+    prepare: PrepareImage,
+    cache_root: Path,
+    max_bytes: int,
+    num_workers: int = 0,
+) -> CachedImages | None:
+    """The split's prepared images, from the cache or built into it now; None (decode on the fly) when the
+    cache would exceed `max_bytes` or the free disk space, with a warning that says so.
+
+    A cache is built in a private staging folder and renamed into place when complete, so a run killed while
+    building leaves no cache that a later run could half-read, and two runs building the same cache both succeed.
+    `rows` must hold the images undecoded (`datasets.Image(decode=False)`).
+    """
+    folder = Path(cache_root) / cache_key(rows, image_column, prepare)
+    if (folder / "index.npy").is_file():
+        return CachedImages(folder)
+    estimate = _estimated_bytes(rows, image_column, prepare)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    if estimate > max_bytes or estimate > 0.9 * free:
+        limit = "--image_cache_max_gb" if estimate > max_bytes else f"the free disk space ({free / 1e9:.1f} GB)"
+        logger.warning(
+            "Not caching the %s split's resized images: about %.1f GB would exceed %s. Images are decoded and resized "
+            "on the fly, every epoch (slower). Raise --image_cache_max_gb or free disk space to cache them.",
+            split_name,
+            estimate / 1e9,
+            limit,
+        )
+        return None
+    logger.warning("Caching the %s split (%d images, resized) in %s for later runs too", split_name, len(rows), folder)
+    staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
+    try:
+        built = _build(staging, rows, image_column, prepare, max_bytes, num_workers)
+        if built:
+            try:
+                staging.rename(folder)
+            except OSError:  # another run completed the same cache first
+                if not (folder / "index.npy").is_file():
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not built:
+        logger.warning(
+            "Not caching the %s split's resized images: they exceed --image_cache_max_gb; decoding on the fly.",
+            split_name,
+        )
+        return None
+    return CachedImages(folder)
+
+
+def _estimated_bytes(rows, image_column, prepare, sample_size: int = 16) -> int:
+    """Bytes of the whole split's prepared images, extrapolated from its first few readable ones."""
+    sizes = []
+    for encoded in rows.select(range(min(sample_size, len(rows))))[image_column]:
+        try:
+            sizes.append(prepare(encoded).numel())
+        except OSError:
+            pass
+    return int(np.mean(sizes) * len(rows)) if sizes else 0
+
+
+class _PreparedRows(torch.utils.data.Dataset):
+    """(row, prepared image or the reason it is unreadable), for building a cache with DataLoader workers."""
+
+    def __init__(self, rows, image_column, prepare):
+        self.rows, self.image_column, self.prepare = rows, image_column, prepare
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, row: int):
+        encoded = self.rows[row][self.image_column]
+        try:
+            return row, self.prepare(encoded), None
+        except OSError as error:
+            return row, None, {"row": row, "file": encoded.get("path"), "error": str(error)}
+
+
+def _build(staging: Path, rows, image_column, prepare, max_bytes: int, num_workers: int) -> bool:
+    """Write the cache files into `staging`; False when the images outgrow `max_bytes` (the estimate was low)."""
+    staging.mkdir(parents=True)
+    index = np.zeros((len(rows), 3), dtype=np.int64)
+    unreadable, offset = [], 0
+    loader = torch.utils.data.DataLoader(
+        _PreparedRows(rows, image_column, prepare), batch_size=None, num_workers=num_workers
+    )
+    # fork_rng: the loader draws its workers' seed from torch's global generator, and whether a run builds the
+    # cache or finds it must not change the random draws that follow (the new head's, for one).
+    with torch.random.fork_rng(devices=[]), open(staging / "pixels.u8", "wb") as pixels:
+        for row, image, problem in loader:
+            if image is None:
+                unreadable.append(problem)
+                continue
+            if offset + image.numel() > max_bytes:
+                return False
+            pixels.write(image.numpy().tobytes())
+            index[row] = (offset, image.shape[1], image.shape[2])
+            offset += image.numel()
+        pixels.flush()
+        os.fsync(pixels.fileno())
+    (staging / "unreadable.json").write_text(json.dumps(unreadable))
+    np.save(staging / "index.npy", index)  # written last: its presence marks a complete cache
+    return True
+
+
+class ImageRifleTrainer(RifleTrainer):
+    """`RifleTrainer` fed uint8 image batches: `pixel_values` are converted and normalized on the training device,
+    after the batch was moved there, for training, evaluation and prediction alike (float batches pass through)."""
+
+    def __init__(self, *args, pixel_mean, pixel_std, channels_last: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pixel_mean, self.pixel_std, self.channels_last = list(pixel_mean), list(pixel_std), channels_last
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        inputs = super()._prepare_inputs(inputs)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = normalize_pixels(
+                inputs["pixel_values"], self.pixel_mean, self.pixel_std, channels_last=self.channels_last
+            )
+        return inputs
