@@ -206,6 +206,8 @@ def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtensi
                 "of the runs of scripts/reproduce.py, given after `--`."
             )
     model_args, data_args, *extension_settings, args = parsed
+    if not args.dataloader_num_workers:  # kept-alive workers need workers (e.g. --dataloader_num_workers 0 on a GPU)
+        args.dataloader_persistent_workers = False
     return RecipeArguments(
         model_args, data_args, args, {e.name: settings for e, settings in zip(extensions, extension_settings)}
     )
@@ -241,18 +243,23 @@ def load_model(model_args: ModelArguments, data_args: DataArguments, names: list
     """The pretrained classifier with a new head for `names`, from the Hub, a folder, a file or the demo package."""
     labels = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     if model_args.timm_architecture:
-        return load_timm_weights_file(model_args.timm_architecture, model_args.model_name_or_path, **labels)
-    source = model_args.model_name_or_path
-    if source is None:
-        source = str(materialize_demo_checkpoint(workdir)) if data_args.demo else DEFAULT_MODEL
-    return load_image_classifier(
-        source,
-        **labels,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        trust_remote_code=data_args.trust_remote_code,
-        revision=model_args.model_revision,
-        cache_dir=model_args.cache_dir,
-    )
+        model = load_timm_weights_file(model_args.timm_architecture, model_args.model_name_or_path, **labels)
+    else:
+        model = load_image_classifier(
+            model_args.model_name_or_path or default_model_source(data_args, workdir),
+            **labels,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            trust_remote_code=data_args.trust_remote_code,
+            revision=model_args.model_revision,
+            cache_dir=model_args.cache_dir,
+        )
+    # Set now rather than by transformers' loss at the first step, which would recompile a torch.compile'd model.
+    model.config.problem_type = "single_label_classification"
+    return model
+
+
+def default_model_source(data_args: DataArguments, workdir: str) -> str:
+    return str(materialize_demo_checkpoint(workdir)) if data_args.demo else DEFAULT_MODEL
 
 
 def run_record(run: RecipeArguments) -> dict:

@@ -15,6 +15,7 @@ from huggingface_hub.hf_api import RepoUrl
 from transformers import AutoModelForImageClassification, ConvNextImageProcessor, pipeline
 
 from hf_rifle.recipe import main
+from hf_rifle.recipe.train import hardware_defaults, parse_args
 
 from ..helpers import CLASSES, native_resnet, recipe_flags, save_timm_hub_folder, write_image_folders
 
@@ -303,3 +304,21 @@ def test_local_weights_file_with_a_timm_architecture(image_folders, tmp_path):
     assert "eval_accuracy" in metrics
     reloaded = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)
     assert reloaded.get_classifier().out_features == len(CLASSES)
+
+
+def test_gpu_defaults_only_with_cuda():
+    assert hardware_defaults(cuda=False, bf16_supported=False, cpus=16, gpus=0) == {}
+    assert hardware_defaults(cuda=True, bf16_supported=True, cpus=16, gpus=2) == {
+        "bf16": True,
+        "fp16": False,
+        "dataloader_num_workers": 7,
+        "dataloader_pin_memory": True,
+        "dataloader_persistent_workers": True,
+    }
+    older_gpu = hardware_defaults(cuda=True, bf16_supported=False, cpus=4, gpus=1)
+    assert older_gpu["fp16"] and not older_gpu["bf16"] and older_gpu["dataloader_num_workers"] == 3
+
+
+def test_without_loader_workers_none_are_kept_alive():
+    run = parse_args(["--train_dir", "x", "--dataloader_num_workers", "0", "--dataloader_persistent_workers", "True"])
+    assert not run.training.dataloader_persistent_workers

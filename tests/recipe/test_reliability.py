@@ -57,10 +57,13 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_recipe_restarted_on_its_output_dir_resumes_to_the_same_model(tmp_path, data_and_model):
+@pytest.mark.parametrize("memory_format", [[], ["--channels_last", "True"]], ids=["contiguous", "channels_last"])
+def test_recipe_restarted_on_its_output_dir_resumes_to_the_same_model(tmp_path, data_and_model, memory_format):
     # 24 images, batch 4: 6 steps per epoch, 18 in all; periods start at 0, 6, 12. Stop mid-period at 8.
-    main(flags(tmp_path / "full", data_and_model))
-    interrupted = flags(tmp_path / "split", data_and_model, "--save_strategy", "steps", "--save_steps", "4")
+    main(flags(tmp_path / "full", data_and_model, *memory_format))
+    interrupted = flags(
+        tmp_path / "split", data_and_model, "--save_strategy", "steps", "--save_steps", "4", *memory_format
+    )
     main(interrupted, callbacks=[StopAt(8)])
     assert (tmp_path / "split" / "checkpoint-8").is_dir()
     main(interrupted)
