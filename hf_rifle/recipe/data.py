@@ -21,7 +21,7 @@ from packaging.version import Version
 from transformers import TrainerCallback
 
 from ..callback import add_to_training_log_
-from .images import CachedImages, PrepareImage, cached_images, train_augmentation
+from .images import CachedImages, PrepareImage, RandomCropAndFlip, cached_images
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ def apply_transforms(
         if cached is not None and cached.unreadable and skipped_log is None:
             first = cached.unreadable[0]
             raise OSError(_unreadable_row_message(name, first["row"], first["error"], len(cached.unreadable)))
-        augment = train_augmentation(crop_size) if name == "train" else None
+        augment = RandomCropAndFlip(crop_size) if name == "train" else None
         splits[name] = TransformedSplit(name, rows, image_col, label_col, prepare, augment, cached, skipped_log)
     return splits
 

@@ -25,7 +25,6 @@ import numpy as np
 import PIL.Image
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from ..trainer import RifleTrainer
@@ -88,10 +87,20 @@ class PrepareImage:
         return {"resize_size": self.resize_size, "center_crop": self.center_crop, "resize": "bilinear-antialias"}
 
 
-def train_augmentation(crop_size: int) -> v2.Compose:
-    """The paper's training augmentation on a prepared uint8 image: a uniformly placed crop and a horizontal flip,
-    drawn from torch's default generator (which `EpochSeededDataset` seeds per epoch and row)."""
-    return v2.Compose([v2.RandomCrop(crop_size), v2.RandomHorizontalFlip()])
+class RandomCropAndFlip:
+    """The paper's training augmentation on a prepared uint8 image: a uniformly placed `crop_size` square and a
+    horizontal flip with probability 1/2, drawn from torch's default generator (which `EpochSeededDataset` seeds
+    per epoch and row). The crop is a view; only a flip copies."""
+
+    def __init__(self, crop_size: int):
+        self.crop_size = crop_size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        top = int(torch.randint(0, height - self.crop_size + 1, ()))
+        left = int(torch.randint(0, width - self.crop_size + 1, ()))
+        crop = image[..., top : top + self.crop_size, left : left + self.crop_size]
+        return crop.contiguous().flip(-1) if torch.rand(()) < 0.5 else crop  # flips a contiguous copy ~3x faster
 
 
 def normalize_pixels(
@@ -143,9 +152,9 @@ class CachedImages:
         offset, height, width = (int(value) for value in self.index[row])
         if height == 0:
             return None
-        if self._pixels is None:
-            self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="r")
-        return torch.from_numpy(self._pixels[offset : offset + 3 * height * width].reshape(3, height, width).copy())
+        if self._pixels is None:  # copy-on-write: the tensors are views of the file, and writing to one is safe
+            self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="c")
+        return torch.from_numpy(self._pixels[offset : offset + 3 * height * width].reshape(3, height, width))
 
     def __getstate__(self) -> dict:  # a worker maps the file itself rather than receiving a pickled copy
         return {**self.__dict__, "_pixels": None}
