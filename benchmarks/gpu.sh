@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # hf_rifle's benchmarks on a lent H200 GPU, as one prepared run of a few minutes:
-#   1. images/s of ResNet-50 fine-tuning at 224 (bf16, channels_last, batch 64), Trainer vs RifleTrainer
+#   1. the recipe's training images/s with ResNet-50 at 224 against a model-only loop on device-resident
+#      tensors, bf16 and fp32: does the input pipeline keep the GPU busy (benchmarks/pipeline.py --parts gpu);
+#   2. images/s of ResNet-50 fine-tuning at 224 (bf16, channels_last, batch 64), Trainer vs RifleTrainer
 #      side by side, with L2-SP differentiated by autograd (the "before") as a fourth variant
 #      (benchmarks/overhead.py);
-#   2. the transfer benchmark at full resolution (benchmarks/transfer.py).
+#   3. the transfer benchmark at full resolution (benchmarks/transfer.py).
 # Each step has its own timeout and a failing step does not stop the next; the exit status says whether all
 # passed. JSON results go to benchmarks/results/ and, when $OUT is set (the device tool brings back what is
 # written there), to $OUT together with gpu.log.
@@ -24,9 +26,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # Seconds per step, within the device tool's 600 s per command (the install takes about a minute):
 OVERHEAD_TIMEOUT=${OVERHEAD_TIMEOUT:-180}
-TRANSFER_TIMEOUT=${TRANSFER_TIMEOUT:-330}  # 20 runs of 280 steps at 224 px; a rerun on a warm machine resumes
+PIPELINE_TIMEOUT=${PIPELINE_TIMEOUT:-150}  # 5,120 JPEGs written and cached once, 2 recipe runs, 2 model-only loops
+# 20 runs of 280 steps at 224 px, cut short to fit the 600 s command (install ~60 s + 150 + 180 + 200); a rerun on
+# a warm machine resumes the sweep where it stopped.
+TRANSFER_TIMEOUT=${TRANSFER_TIMEOUT:-200}
 RESULTS=benchmarks/results
 OVERHEAD_JSON=$RESULTS/overhead-resnet50-cuda.json
+PIPELINE_JSON=$RESULTS/pipeline-cuda.json
 TRANSFER_JSON=$RESULTS/transfer-gpu.json
 WHEELS=build/wheels
 CARRIED_PACKAGES="transformers timm datasets dill multiprocess"
@@ -85,16 +91,19 @@ run_step() {
 copy_results_to_out() {
     [[ -n "${OUT:-}" ]] || return 0
     local file
-    for file in "$OVERHEAD_JSON" "$TRANSFER_JSON"; do
+    for file in "$OVERHEAD_JSON" "$PIPELINE_JSON" "$TRANSFER_JSON"; do
         if [[ -f $file ]]; then cp "$file" "$OUT/"; fi
     done
 }
 
 main() {
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-    rm -f "$OVERHEAD_JSON" "$TRANSFER_JSON"  # so a failed step cannot pass off an older result as this run's
+    rm -f "$OVERHEAD_JSON" "$PIPELINE_JSON" "$TRANSFER_JSON"  # so a failed step cannot pass off an older result as this run's
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true
     install_packages
+
+    run_step "pipeline" "$PIPELINE_TIMEOUT" "$PYTHON" benchmarks/pipeline.py --parts gpu --images 4096 --epochs 2 \
+        --batch_size 64 --output "$PIPELINE_JSON"
 
     run_step "overhead" "$OVERHEAD_TIMEOUT" "$PYTHON" benchmarks/overhead.py --model resnet50 --image-size 224 --batch-size 64 \
         --rounds 5 --steps-per-round 30 --warmup-steps 5 --micro-repeats 20 --l2sp-impl both \

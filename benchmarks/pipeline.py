@@ -12,8 +12,8 @@
     gpu         (CUDA only) the recipe's training images/s with ResNet-50 at 224 against a model-only loop on
                 device-resident tensors, bf16 and fp32. Target: >= 0.9.
 
-The JPEGs are 500x375 crops of scikit-learn's two sample photographs (shifted, flipped and brightness-jittered into
-distinct images), two classes. Each side runs alternately, `--repeats` times, and medians are reported.
+The JPEGs are 500x375 crops of scikit-learn's two sample photographs (`source_photos`), shifted, flipped and
+brightness-jittered into distinct images, two classes. The sides alternate, `--repeats` times; medians are reported.
 
     python benchmarks/pipeline.py                                  # loader and end-to-end, on CPU
     python benchmarks/pipeline.py --parts gpu --images 4096        # on a GPU machine (benchmarks/gpu.sh)
@@ -35,7 +35,6 @@ import datasets
 import numpy as np
 import PIL.Image
 import torch
-from sklearn.datasets import load_sample_images
 from torchvision import transforms as tv1
 
 from hf_rifle.recipe.data import EpochSeededDataset, apply_transforms, collate_fn
@@ -60,10 +59,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def source_photos(rng) -> list[np.ndarray]:
+    """scikit-learn's two sample photographs (427x640); where scikit-learn is missing (the GPU machine), two smooth
+    random images of that size, which JPEG compresses about as well."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        coarse = [rng.integers(0, 256, (14, 20, 3), dtype=np.uint8) for _ in range(2)]
+        return [np.asarray(PIL.Image.fromarray(image).resize((640, 427), PIL.Image.BICUBIC)) for image in coarse]
+    return load_sample_images().images
+
+
 def write_jpeg_folder(root: Path, train_images: int, seed: int = 0) -> Path:
-    """<root>/{train,validation}/{china,flower}/<n>.jpg: 500x375 JPEGs cut from two real photographs."""
+    """<root>/{train,validation}/{china,flower}/<n>.jpg: 500x375 JPEGs cut from two photographs."""
     rng = np.random.default_rng(seed)
-    photos = load_sample_images().images  # 427x640 each
+    photos = source_photos(rng)
     for split, count in (("train", train_images), ("validation", max(train_images // 4, 8))):
         for index in range(count):
             label = index % 2
