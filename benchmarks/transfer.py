@@ -9,21 +9,23 @@ optimisation at a resolution that fits 2 CPU cores: SGD momentum 0.9, lr 0.01, c
     python benchmarks/transfer.py --settings mnist-10 mnist-30 --seeds 1 2 3
     python benchmarks/transfer.py --epochs 12           # too short for RIFLE: see docs/benchmarks.md
     python benchmarks/transfer.py --resolution 224      # the GPU run (benchmarks/gpu.sh)
-    python benchmarks/transfer.py --regularizers l2     # re-run the L2 rows only; the L2-SP rows of the
-                                                        # existing result file are kept
+    python benchmarks/transfer.py --seeds $(seq 1 20)   # resumes: only seeds missing from the result file run
+    python benchmarks/transfer.py --regularizers l2 --rerun   # replace the L2 rows; the L2-SP rows are kept
+
+Results accumulate in the JSON under benchmarks/results/ (committed), one row per run with the machine it ran on,
+so a sweep stopped on one machine continues on another: runs already in the file are not redone (the run folders
+under --runs_dir resume interrupted runs on the same machine). Runs are deterministic on one machine, but one seed's
+accuracy moves by up to 3 points between machines: compare paired differences, not single seeds.
 """
 
 import argparse
 import datetime
 import json
-import os
-import platform
 from pathlib import Path
-
-import torch
 
 from hf_rifle.paper import sweeps
 
+METHODS = ("original", "rifle")
 SETTINGS = {  # name -> recipe flags selecting the data
     "sklearn-10": ["--demo_source", "sklearn", "--samples_per_class", "10"],
     "mnist-10": ["--demo_source", "mnist", "--samples_per_class", "10"],
@@ -42,6 +44,9 @@ def main(argv=None):
     )
     parser.add_argument("--resolution", type=int, default=56, help="Crop size; images are resized to 8/7 of it.")
     parser.add_argument("--runs_dir", default="outputs/transfer")
+    parser.add_argument(
+        "--rerun", action="store_true", help="Run the given seeds and regularizers again, replacing their rows."
+    )
     parser.add_argument(
         "--output",
         default=None,
@@ -68,47 +73,51 @@ def main(argv=None):
     ]
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        },
+        "machine": sweeps.machine_description(),
         "settings": vars(args),
         "results": {},
     }
-    for name in args.settings:
-        sweep_dir = Path(args.runs_dir) / f"{name}-{args.resolution}px-{args.epochs}ep"
-        sweeps.main(
-            [
-                "--methods",
-                "original",
-                "rifle",
-                "--seeds",
-                *map(str, args.seeds),
-                "--regularizers",
-                *args.regularizers,
-                "--sweep_dir",
-                str(sweep_dir),
-                "--dataset_label",
-                f"digits {name}, {args.epochs} epochs",
-                "--",
-                *recipe,
-                *SETTINGS[name],
-            ]
-        )
-        report["results"][name] = json.loads((sweep_dir / "results.json").read_text())
-        report["results"][name]["table"] = (sweep_dir / "results.md").read_text()
-    default_name = f"transfer-{'+'.join(args.settings)}-{args.resolution}px-{args.epochs}ep.json"
+    periods = "" if args.num_periods == 3 else f"-K{args.num_periods}"
+    default_name = f"transfer-{'+'.join(args.settings)}-{args.resolution}px-{args.epochs}ep{periods}.json"
     output = Path(args.output or Path("benchmarks/results") / default_name)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.is_file():  # keep the other regularizers' runs of an earlier report, re-summarized with the new ones
-        for name, earlier in json.loads(output.read_text())["results"].items():
-            if name in report["results"]:
-                kept = [run for run in earlier["runs"] if run["regularizer"] not in args.regularizers]
-                report["results"][name] = merged_result(kept + report["results"][name]["runs"], name, args)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    earlier = json.loads(output.read_text())["results"] if output.is_file() else {}
+    for name in args.settings:
+        requested = {(method, r, seed) for method in METHODS for r in args.regularizers for seed in args.seeds}
+        earlier_runs = earlier.get(name, {}).get("runs", [])
+        if args.rerun:
+            earlier_runs = [run for run in earlier_runs if run_key(run) not in requested]
+        missing_seeds = sorted({seed for _, _, seed in requested - set(map(run_key, earlier_runs))})
+        new_runs = []
+        if missing_seeds:
+            sweep_dir = Path(args.runs_dir) / f"{name}-{args.resolution}px-{args.epochs}ep{periods}"
+            sweeps.main(
+                [
+                    "--methods",
+                    *METHODS,
+                    "--seeds",
+                    *map(str, missing_seeds),
+                    "--regularizers",
+                    *args.regularizers,
+                    "--sweep_dir",
+                    str(sweep_dir),
+                    "--dataset_label",
+                    f"digits {name}, {args.epochs} epochs",
+                    "--",
+                    *recipe,
+                    *SETTINGS[name],
+                ]
+            )
+            new_runs = json.loads((sweep_dir / "results.json").read_text())["runs"]
+        replaced = set(map(run_key, new_runs))
+        kept = [run for run in earlier_runs if run_key(run) not in replaced]
+        report["results"][name] = merged_result(kept + new_runs, name, args)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({**report, "results": {**earlier, **report["results"]}}, indent=2) + "\n")
     print(f"wrote {output}")
+
+
+def run_key(run: dict) -> tuple:
+    return run["method"], run["regularizer"], run["seed"]
 
 
 def merged_result(runs: list[dict], name: str, args) -> dict:

@@ -1,7 +1,7 @@
 """What the paper measures to explain RIFLE (Section 4.5, Figure 1; Section 4.6.1, Figure 2).
 
-Figure 2: the Frobenius norm of the gradient of the last 3x3 convolution of each ResNet stage, taken at the
-beginning of every epoch (`default_probe_layers`, `GradientNormCallback`, `plot_gradient_norms`).
+Figure 2: the Frobenius norm of the gradient of the last 3x3 convolution of each ResNet stage, averaged over
+every step of each epoch, and over seeds (`default_probe_layers`, `GradientNormCallback`, `plot_gradient_norms`).
 Figure 1: training and test accuracy per epoch of several runs, with the re-initializations marked
 (`plot_accuracy_curves`). And how far each backbone weight moved from its pretrained value
 (`weight_distance_from_pretrained`). Measurements go into the Trainer's `log_history`, so they are saved in
@@ -54,19 +54,18 @@ def default_probe_layers(model: nn.Module) -> list[str]:
 
 
 class GradientNormCallback(TrainerCallback):
-    """Log the Frobenius norm of the gradient of each probed layer's weight at the first optimizer step of
-    every epoch, as one `log_history` entry per epoch:
-    `{"epoch": e, "step": <optimizer steps done>, "grad_norm/<layer>": value, ...}`.
+    """Log the Frobenius norm of the gradient of each probed layer's weight, averaged over every optimizer step of
+    each epoch (one step's reading swings with its batch), as one `log_history` entry per epoch:
+    `{"epoch": e, "step": <first step of epoch e>, "grad_norm_steps": n, "grad_norm/<layer>": mean, ...}`.
 
     The gradient is read in `on_pre_optimizer_step`, where it is complete: accumulated over the gradient
     accumulation micro-batches, averaged over the ranks under DDP, unscaled under fp16 (the Trainer always
     computes the total norm first). With `max_grad_norm` > 0 it is the clipped gradient; RIFLE's default is
     no clipping.
 
-    Stateless, so a resumed run continues correctly: the first step of an epoch is recognised by
-    `state.epoch` being a whole number (the Trainer sets it to epoch + fraction done after every step, and a
-    run resumed mid-epoch restarts from a fractional value). The entries are appended to `state.log_history`
-    (saved in `trainer_state.json`), not sent to `report_to` integrations.
+    Stateless, so a resumed run continues exactly: the running mean of the current epoch lives in its entry of
+    `state.log_history` (saved in `trainer_state.json` with every checkpoint), which each step updates. The epoch
+    of a step is the whole part of `state.epoch` before it. The entries are not sent to `report_to` integrations.
 
     Args:
         layers: dotted module names whose `.weight` gradient is measured; None = `default_probe_layers(model)`.
@@ -82,18 +81,15 @@ class GradientNormCallback(TrainerCallback):
             self._weight(model, layer)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        epoch = state.epoch or 0.0
-        if not float(epoch).is_integer():
-            return
         if self._resolved is None:
             self._resolved = self.layers if self.layers is not None else default_probe_layers(model)
-        entry = {"epoch": epoch, "step": state.global_step}
+        norms = {}
         for layer in self._resolved:
             grad = self._weight(model, layer).grad
-            if grad is not None:
-                entry[f"{GRAD_NORM_PREFIX}{layer}"] = torch.linalg.vector_norm(grad.detach().float()).item()
-        if len(entry) > 2:  # frozen layers have no gradient to report
-            state.log_history.append(entry)
+            if grad is not None:  # frozen layers have no gradient to report
+                norms[f"{GRAD_NORM_PREFIX}{layer}"] = torch.linalg.vector_norm(grad.detach().float()).item()
+        if norms:
+            add_to_epoch_mean_(state.log_history, float(math.floor(state.epoch or 0.0)), state.global_step, norms)
 
     @staticmethod
     def _weight(model: nn.Module, layer: str) -> torch.nn.Parameter:
@@ -105,6 +101,17 @@ class GradientNormCallback(TrainerCallback):
                 "from model.named_modules(), e.g. hf_rifle.paper.diagnostics.default_probe_layers(model)."
             ) from None
         return weight
+
+
+def add_to_epoch_mean_(log_history: list[dict], epoch: float, step: int, values: dict[str, float]) -> None:
+    """Fold one step's `values` into the running means of `epoch`'s entry (created at its first step)."""
+    entry = next((e for e in reversed(log_history) if "grad_norm_steps" in e and e["epoch"] == epoch), None)
+    if entry is None:
+        log_history.append({"epoch": epoch, "step": step, "grad_norm_steps": 1, **values})
+        return
+    entry["grad_norm_steps"] += 1
+    for key, value in values.items():
+        entry[key] += (value - entry[key]) / entry["grad_norm_steps"]
 
 
 @torch.no_grad()
@@ -214,13 +221,21 @@ def plot_accuracy_curves(runs: dict[str, list[dict]], reinit_steps: dict[str, li
     return Path(path)
 
 
-def plot_gradient_norms(runs: dict[str, list[dict]], path, log_scale: bool = False) -> Path:
+def plot_gradient_norms(runs: dict[str, list], path, log_scale: bool = False) -> Path:
     """Figure 2: the gradient norm of each probed layer against the epoch, one panel per layer (input side
-    first), one line per run. Reads the `grad_norm/<layer>` entries that `GradientNormCallback` logs.
+    first), one line per run label. Reads the `grad_norm/<layer>` entries that `GradientNormCallback` logs.
+
+    Args:
+        runs: label -> one run's `log_history`, or a list of several runs' (seeds): their mean per epoch, with a
+            band for its 95% t-interval.
+        path: the PNG to write.
+        log_scale: a logarithmic y axis.
     """
+    runs = {label: histories if histories and isinstance(histories[0], list) else [histories]
+            for label, histories in runs.items()}  # fmt: skip
     layers = []
-    for history in runs.values():
-        for entry in history:
+    for histories in runs.values():
+        for entry in (entry for history in histories for entry in history):
             for key in entry:
                 if key.startswith(GRAD_NORM_PREFIX) and key not in layers:
                     layers.append(key)
@@ -231,12 +246,15 @@ def plot_gradient_norms(runs: dict[str, list[dict]], path, log_scale: bool = Fal
     rows = math.ceil(len(layers) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
     for axis, key in zip(axes.flat, layers):
-        for label, history in runs.items():
-            if series := _series(history, key):
-                axis.plot(*zip(*series), "o-", markersize=3, label=label)
+        for label, histories in runs.items():
+            epochs, means, lows, highs = mean_over_runs(histories, key)
+            if epochs:
+                axis.plot(epochs, means, "o-", markersize=3, label=f"{label} ({len(histories)} runs)")
+                if len(histories) > 1:
+                    axis.fill_between(epochs, lows, highs, alpha=0.25)
         axis.set_title(key[len(GRAD_NORM_PREFIX) :], fontsize=9)
         axis.set_xlabel("epoch")
-        axis.set_ylabel("||gradient||_F")
+        axis.set_ylabel("||gradient||_F, mean over the epoch's steps")
         if log_scale:
             axis.set_yscale("log")
         axis.legend(fontsize=8)
@@ -246,3 +264,25 @@ def plot_gradient_norms(runs: dict[str, list[dict]], path, log_scale: bool = Fal
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return Path(path)
+
+
+def mean_over_runs(histories: list[list[dict]], key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per epoch that every run logged `key` for: the mean over runs and its 95% t-interval (the mean itself as
+    both bounds for a single run)."""
+    import statistics
+
+    from scipy.stats import t
+
+    series = [dict(_series(history, key)) for history in histories]
+    epochs = sorted(set.intersection(*(set(values) for values in series))) if series else []
+    means, lows, highs = [], [], []
+    for epoch in epochs:
+        values = [values[epoch] for values in series]
+        mean = statistics.fmean(values)
+        half = (
+            t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0
+        )
+        means.append(mean)
+        lows.append(mean - half)
+        highs.append(mean + half)
+    return epochs, means, lows, highs

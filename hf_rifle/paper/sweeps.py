@@ -98,6 +98,9 @@ class SweepArguments:
             raise ValueError("--methods must include 'original': every method is compared with it on the same seeds.")
 
 
+MACHINE_FILE = "machine.json"
+
+
 def run_folder(sweep_dir, method: str, regularizer: str, seed: int) -> Path:
     return Path(sweep_dir) / f"{method}-{regularizer}-seed{seed}"
 
@@ -124,7 +127,9 @@ def run_sweep(sweep: SweepArguments, recipe_flags: list[str]) -> list[dict]:
                         callbacks=[GradientNormCallback(sweep.probe_layers)],
                         extensions=[BASELINES],
                     )
+                    (folder / MACHINE_FILE).write_text(json.dumps(machine_description(), indent=2) + "\n")
                 metrics = json.loads((folder / "all_results.json").read_text())
+                machine_file = folder / MACHINE_FILE
                 results.append(
                     {
                         "method": method,
@@ -132,9 +137,33 @@ def run_sweep(sweep: SweepArguments, recipe_flags: list[str]) -> list[dict]:
                         "seed": seed,
                         "accuracy": metrics.get("test_accuracy", metrics["eval_accuracy"]),
                         "split": "test" if "test_accuracy" in metrics else "validation",
+                        "machine": json.loads(machine_file.read_text()) if machine_file.is_file() else None,
                     }
                 )
     return results
+
+
+def machine_description() -> dict:
+    """What a run's numbers depend on beyond its settings: the same seed moves by up to 3 points between machines
+    (CPU kernels), so results record where they were computed and only paired differences on one machine count."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)  # fmt: skip
+    return {
+        "node": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> tuple[float, float, float]:
@@ -215,22 +244,27 @@ def write_tables(results: list[dict], sweep: SweepArguments) -> list[Path]:
 
 
 def write_figures(sweep: SweepArguments) -> list[Path]:
-    """Figures 1 and 2 for the first seed and regularizer: Original against RIFLE when both ran."""
+    """Original against RIFLE (when both ran), first regularizer: Figure 1 for the first seed, Figure 2 averaged
+    over every seed."""
     seed, regularizer = sweep.seeds[0], sweep.regularizers[0]
     compared = [m for m in ("original", "rifle") if m in sweep.methods]
-    runs, reinits = {}, {}
+    runs, reinits, all_seeds = {}, {}, {}
     for method in compared:
-        state = json.loads((run_folder(sweep.sweep_dir, method, regularizer, seed) / "trainer_state.json").read_text())
+        histories = [
+            json.loads((run_folder(sweep.sweep_dir, method, regularizer, s) / "trainer_state.json").read_text())
+            for s in sweep.seeds
+        ]
         config = json.loads((run_folder(sweep.sweep_dir, method, regularizer, seed) / "rifle_config.json").read_text())
-        runs[METHOD_TITLES[method]] = state["log_history"]
+        runs[METHOD_TITLES[method]] = histories[0]["log_history"]
+        all_seeds[METHOD_TITLES[method]] = [state["log_history"] for state in histories]
         training = config["training"]
         reinits[METHOD_TITLES[method]] = (
-            reinit_steps(state["max_steps"], training["num_periods"]) if training["reinit_head"] else []
+            reinit_steps(histories[0]["max_steps"], training["num_periods"]) if training["reinit_head"] else []
         )
     out = Path(sweep.sweep_dir)
     return [
         plot_accuracy_curves(runs, reinits, out / "figure1_accuracy.png"),
-        plot_gradient_norms(runs, out / "figure2_gradient_norms.png"),
+        plot_gradient_norms(all_seeds, out / "figure2_gradient_norms.png"),
     ]
 
 

@@ -15,6 +15,7 @@ from hf_rifle.paper.diagnostics import (
     GradientNormCallback,
     _step_to_epoch,
     default_probe_layers,
+    mean_over_runs,
     plot_accuracy_curves,
     plot_gradient_norms,
     weight_distance_from_pretrained,
@@ -98,37 +99,56 @@ def test_gradient_norms_are_logged_once_per_epoch_per_layer_and_equal_the_froben
     trainer.train()  # 16 images, batch 4: 4 steps per epoch, 2 epochs
 
     entries = grad_norm_entries(trainer.state.log_history)
-    assert [(entry["epoch"], entry["step"]) for entry in entries] == [(0.0, 0), (1.0, 4)]
+    assert [(entry["epoch"], entry["step"], entry["grad_norm_steps"]) for entry in entries] == [
+        (0.0, 0, 4),
+        (1.0, 4, 4),
+    ]
     for entry in entries:
-        assert sorted(entry) == sorted(["epoch", "step"] + [GRAD_NORM_PREFIX + layer for layer in WRAPPER_PROBES])
+        expected_keys = ["epoch", "step", "grad_norm_steps"] + [GRAD_NORM_PREFIX + layer for layer in WRAPPER_PROBES]
+        assert sorted(entry) == sorted(expected_keys)
         for layer in WRAPPER_PROBES:
             value = entry[GRAD_NORM_PREFIX + layer]
+            norms = [
+                copies.steps[step][layer].pow(2).sum().sqrt().item() for step in range(entry["step"], entry["step"] + 4)
+            ]
             assert math.isfinite(value) and value > 0
-            assert value == pytest.approx(copies.steps[entry["step"]][layer].pow(2).sum().sqrt().item(), rel=1e-5)
+            assert value == pytest.approx(sum(norms) / 4, rel=1e-5)  # the mean over the epoch's steps
     trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
     saved = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     assert grad_norm_entries(saved) == entries
 
 
+class StopAfterStep(TrainerCallback):
+    """A pre-empted job: training stops right after `step` (and its checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = control.should_training_stop or state.global_step == self.step
+
+
 def test_gradient_norms_survive_a_resume_mid_epoch(tmp_path):
-    def trainer(**overrides):
-        args = rifle_a_config(
-            tmp_path, num_train_epochs=3, num_periods=3, save_strategy="steps", save_steps=6, **overrides
-        )
+    def trainer(output_dir, *callbacks, **overrides):
+        args = rifle_a_config(output_dir, num_train_epochs=3, num_periods=3, **overrides)
+        probe = GradientNormCallback(layers=["timm_model.layer4.0.conv2"])
         return RifleTrainer(
-            model=timm_wrapper_resnet(),
-            args=args,
-            train_dataset=RandomImages(),
-            callbacks=[GradientNormCallback(layers=["timm_model.layer4.0.conv2"])],
+            model=timm_wrapper_resnet(), args=args, train_dataset=RandomImages(), callbacks=[probe, *callbacks]
         )
 
-    interrupted = trainer(max_steps=6)  # stops mid-epoch 1 (4 steps per epoch) and saves checkpoint-6
+    uninterrupted = trainer(tmp_path / "uninterrupted")
+    uninterrupted.train()
+    checkpoints = dict(save_strategy="steps", save_steps=6)
+    interrupted = trainer(tmp_path / "split", StopAfterStep(6), **checkpoints)  # 4 steps per epoch: mid-epoch 1
     interrupted.train()
-    assert [e["step"] for e in grad_norm_entries(interrupted.state.log_history)] == [0, 4]
-    resumed = trainer(max_steps=12)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert [e["grad_norm_steps"] for e in grad_norm_entries(interrupted.state.log_history)] == [4, 2]
+    resumed = trainer(tmp_path / "split", **checkpoints)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-6"))
     entries = grad_norm_entries(resumed.state.log_history)
-    assert [(e["epoch"], e["step"]) for e in entries] == [(0.0, 0), (1.0, 4), (2.0, 8)]
+    assert [(e["epoch"], e["step"], e["grad_norm_steps"]) for e in entries] == [(0.0, 0, 4), (1.0, 4, 4), (2.0, 8, 4)]
+    # epoch 1's running mean carried its first two steps through the checkpoint
+    for entry, expected in zip(entries, grad_norm_entries(uninterrupted.state.log_history), strict=True):
+        assert entry == pytest.approx(expected, rel=1e-6)
 
 
 def test_gradient_norm_callback_rejects_unknown_layers_before_training(tmp_path):
@@ -235,5 +255,14 @@ def test_gradient_norm_plot_writes_a_png_from_a_real_run_and_refuses_runs_withou
     assert is_png(plot_gradient_norms({"RIFLE-A": trainer.state.log_history}, tmp_path / "figure2.png"))
     synthetic = {"a": synthetic_history(), "b": synthetic_history(shift=0.1)}
     assert is_png(plot_gradient_norms(synthetic, tmp_path / "log.png", log_scale=True))
+    seeds = {"a": [synthetic_history(), synthetic_history(shift=0.2)], "b": [synthetic_history(shift=0.1)]}
+    assert is_png(plot_gradient_norms(seeds, tmp_path / "seeds.png"))
     with pytest.raises(ValueError, match="GradientNormCallback"):
         plot_gradient_norms({"plain": [{"loss": 1.0, "epoch": 1.0, "step": 1}]}, tmp_path / "none.png")
+
+
+def test_mean_over_runs_gives_the_per_epoch_mean_and_a_t_interval():
+    runs = [[{"epoch": 0.0, "g": 1.0}, {"epoch": 1.0, "g": 2.0}], [{"epoch": 0.0, "g": 3.0}, {"epoch": 1.0, "g": 2.0}]]
+    epochs, means, lows, highs = mean_over_runs(runs, "g")
+    assert epochs == [0.0, 1.0] and means == [2.0, 2.0]
+    assert lows[0] == pytest.approx(2.0 - 12.706 * 1.0, rel=1e-3) and lows[1] == highs[1] == 2.0

@@ -69,6 +69,7 @@ def test_reduced_sweep_writes_tables_and_figures_and_reuses_finished_runs(tmp_pa
     assert all(float(cell) > 0 for cell in layer4.strip("|").split("|")[1:])  # the backbone did move
     results = json.loads((sweep_dir / "results.json").read_text())
     accuracy = {(r["method"], r["seed"]): r["accuracy"] for r in results["runs"]}
+    assert all(r["machine"]["cpus"] >= 1 and r["machine"]["torch"] for r in results["runs"])  # where each ran
     for seed in (1, 2):
         saved = json.loads((sweep_dir / f"rifle-l2-seed{seed}" / "all_results.json").read_text())
         assert accuracy[("rifle", seed)] == saved["test_accuracy"]
