@@ -53,7 +53,7 @@ def test_imports_only_go_down_the_layers():
     ]
     assert not upward, "\n".join(upward)
     # The scan sees what it must: the recipe does import the core, the paper kit the recipe.
-    assert "hf_rifle.trainer" in imported_hf_rifle_modules(PACKAGE / "recipe" / "train.py")
+    assert "hf_rifle.trainer" in imported_hf_rifle_modules(PACKAGE / "recipe" / "images.py")
     assert "hf_rifle.recipe" in imported_hf_rifle_modules(PACKAGE / "paper" / "baselines.py")
 
 
