@@ -179,14 +179,16 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> t
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """Per (regularizer, method): mean ± std over seeds and the paired difference to 'original'."""
+    """Per (regularizer, method): mean ± std over seeds, the paired difference to 'original' with its 95% interval,
+    and the sign count (seeds ahead of and behind 'original')."""
     by_run = {}
     for row in results:
         by_run.setdefault((row["regularizer"], row["method"]), {})[row["seed"]] = row["accuracy"]
     summary = []
     for (regularizer, method), values in by_run.items():
         scores = list(values.values())
-        difference, low, high = paired_difference(values, by_run[(regularizer, "original")])
+        baseline = by_run[(regularizer, "original")]
+        difference, low, high = paired_difference(values, baseline)
         summary.append(
             {
                 "regularizer": regularizer,
@@ -197,6 +199,8 @@ def summarize(results: list[dict]) -> list[dict]:
                 "diff_to_original": difference,
                 "diff_ci95_low": low,
                 "diff_ci95_high": high,
+                "seeds_ahead": sum(values[seed] > baseline[seed] for seed in values if seed in baseline),
+                "seeds_behind": sum(values[seed] < baseline[seed] for seed in values if seed in baseline),
             }
         )
     return summary
@@ -228,7 +232,8 @@ def _difference_cell(row: dict) -> str:
         return "–"
     low, high = row["diff_ci95_low"], row["diff_ci95_high"]
     interval = "" if math.isnan(low) else f" [{100 * low:+.2f}, {100 * high:+.2f}]"
-    return f"{100 * row['diff_to_original']:+.2f}{interval}"
+    signs = f" ({row['seeds_ahead']} ahead, {row['seeds_behind']} behind)"
+    return f"{100 * row['diff_to_original']:+.2f}{interval}{signs}"
 
 
 def write_tables(results: list[dict], sweep: SweepArguments) -> list[Path]:

@@ -58,6 +58,8 @@ def decode_rgb(encoded: dict) -> torch.Tensor:
                 return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
         except RuntimeError:
             pass  # PIL decides, and names the problem
+    if data is not None:  # read once: PIL decodes the bytes in hand
+        encoded = {"path": encoded.get("path"), "bytes": data}
     try:
         return F.pil_to_tensor(_PIL_DECODER.decode_example(encoded).convert("RGB"))
     except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
