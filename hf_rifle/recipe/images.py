@@ -111,10 +111,12 @@ def normalize_pixels(
     """uint8 batch (N, 3, H, W) -> normalized float, on the device `pixels` are on; floats pass through unchanged."""
     if pixels.dtype != torch.uint8:
         return pixels
-    mean = torch.as_tensor(mean, dtype=dtype, device=pixels.device).view(1, -1, 1, 1) * 255
-    std = torch.as_tensor(std, dtype=dtype, device=pixels.device).view(1, -1, 1, 1) * 255
+    mean = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    scale, shift = (1 / (255 * std)).to(pixels.device, dtype), (-mean / std).to(pixels.device, dtype)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return ((pixels.to(dtype) - mean) / std).contiguous(memory_format=memory_format)
+    # (x / 255 - mean) / std as one conversion and two in-place passes: no temporaries the size of the batch
+    return pixels.to(dtype, memory_format=memory_format).mul_(scale).add_(shift)
 
 
 def is_convolutional(model: torch.nn.Module) -> bool:
