@@ -208,6 +208,9 @@ def cached_images(
         )
         return None
     logger.warning("Caching the %s split (%d images, resized) in %s for later runs too", split_name, len(rows), folder)
+    for leftover in folder.parent.glob(f"{folder.name}.staging-*"):  # of builds killed midway
+        if not _process_alive(int(leftover.name.rsplit("-", 1)[1])):
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
     try:
         built = _build(staging, rows, image_column, prepare, max_bytes, num_workers)
@@ -226,6 +229,16 @@ def cached_images(
         )
         return None
     return CachedImages(folder)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _estimated_bytes(rows, image_column, prepare, sample_size: int = 16) -> int:

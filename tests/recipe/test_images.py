@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import subprocess
 
 import datasets
 import numpy as np
@@ -135,11 +136,14 @@ def test_a_build_killed_midway_leaves_no_cache_that_a_later_run_reads(tmp_path):
     rows = digit_splits()["train"].cast_column("image", datasets.Image(decode=False))
     complete = cached_images("train", rows, "image", PrepareImage(16), tmp_path, 10**9)
     expected = [complete[row] for row in range(len(rows))]
-    torn = complete.folder.with_name(complete.folder.name + ".staging-1")
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # a build killed midway: its process is gone
+    torn = complete.folder.with_name(f"{complete.folder.name}.staging-{finished.pid}")
     complete.folder.rename(torn)
     (torn / "index.npy").unlink()  # killed before the index, written last
     rebuilt = cached_images("train", rows, "image", PrepareImage(16), tmp_path, 10**9)
     assert all(torch.equal(rebuilt[row], image) for row, image in enumerate(expected))
+    assert not torn.exists()  # the dead build's leftovers are cleared
 
 
 def broken_splits() -> tuple[datasets.DatasetDict, int]:
