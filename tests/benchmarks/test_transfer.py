@@ -1,0 +1,45 @@
+"""benchmarks/transfer.py resumes from its committed result file: runs already recorded there are not redone,
+on this machine or another, and every row says which machine it ran on."""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+pytestmark = pytest.mark.slow  # four real (1-epoch) fine-tuning runs of the offline demo: a few minutes
+
+
+def load_transfer():
+    """benchmarks/ is no package, so the script is imported from its path."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("transfer", BENCHMARKS / "transfer.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_runs_recorded_in_the_result_file_are_not_redone(tmp_path):
+    transfer = load_transfer()
+    output, runs = tmp_path / "transfer.json", tmp_path / "runs"
+    common = ["--settings", "sklearn-10", "--epochs", "1", "--regularizers", "l2", "--output", str(output)]
+    transfer.main([*common, "--seeds", "1", "--runs_dir", str(runs)])
+    first = json.loads(output.read_text())["results"]["sklearn-10"]["runs"]
+    shutil.rmtree(runs)  # as on another machine: only the committed result file is there
+
+    transfer.main([*common, "--seeds", "1", "2", "--runs_dir", str(runs)])
+    rows = json.loads(output.read_text())["results"]["sklearn-10"]["runs"]
+    assert sorted(path.name for path in (runs / "sklearn-10-56px-1ep").glob("*-seed*")) == [
+        "original-l2-seed2",
+        "rifle-l2-seed2",
+    ]  # seed 1 was not run again
+    assert [row for row in rows if row["seed"] == 1] == first
+    assert {(row["method"], row["seed"]) for row in rows} == {(m, s) for m in ("original", "rifle") for s in (1, 2)}
+    assert all(row["machine"]["cpus"] >= 1 for row in rows)
