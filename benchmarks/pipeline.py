@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import PIL.Image
 import torch
 from torchvision import transforms as tv1
 
+from hf_rifle.paper.sweeps import machine_description
 from hf_rifle.recipe.data import EpochSeededDataset, apply_transforms, collate_fn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,12 +271,7 @@ def main(argv=None) -> dict:
         raise SystemExit("--parts gpu needs a CUDA device")
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "device": device,
-        },
+        "machine": machine_description(),
         "settings": vars(args),
     }
     with tempfile.TemporaryDirectory() as scratch:
