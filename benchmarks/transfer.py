@@ -95,7 +95,7 @@ def main(argv=None):
                     "--methods",
                     *METHODS,
                     "--seeds",
-                    *map(str, missing_seeds),
+                    *map(str, sorted({*missing_seeds, *seeds_run_here(sweep_dir, args.seeds, args.regularizers)})),
                     "--regularizers",
                     *args.regularizers,
                     "--sweep_dir",
@@ -114,6 +114,20 @@ def main(argv=None):
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({**report, "results": {**earlier, **report["results"]}}, indent=2) + "\n")
     print(f"wrote {output}")
+
+
+def seeds_run_here(sweep_dir: Path, seeds: list[int], regularizers: list[str]) -> list[int]:
+    """Requested seeds whose runs all finished in sweep_dir on this machine: handed to the sweep with the missing
+    ones, which reuses them, so its figures (Figure 2 over seeds) cover every seed at hand, not only the new."""
+    return [
+        seed
+        for seed in seeds
+        if all(
+            (sweeps.run_folder(sweep_dir, method, regularizer, seed) / "all_results.json").is_file()
+            for method in METHODS
+            for regularizer in regularizers
+        )
+    ]
 
 
 def run_key(run: dict) -> tuple:

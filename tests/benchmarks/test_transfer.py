@@ -43,3 +43,10 @@ def test_runs_recorded_in_the_result_file_are_not_redone(tmp_path):
     assert [row for row in rows if row["seed"] == 1] == first
     assert {(row["method"], row["seed"]) for row in rows} == {(m, s) for m in ("original", "rifle") for s in (1, 2)}
     assert all(row["machine"]["cpus"] >= 1 for row in rows)
+
+    # Seed 2's runs are in the run folder of this machine: the sweep reuses them beside seed 3, so its
+    # figures (Figure 2 averaged over seeds) cover both, not only the seed run now.
+    transfer.main([*common, "--seeds", "1", "2", "3", "--runs_dir", str(runs)])
+    sweep_rows = json.loads((runs / "sklearn-10-56px-1ep" / "results.json").read_text())["runs"]
+    assert sorted({row["seed"] for row in sweep_rows}) == [2, 3]
+    assert (runs / "sklearn-10-56px-1ep" / "figure2_gradient_norms.png").is_file()
