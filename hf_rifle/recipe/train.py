@@ -227,9 +227,10 @@ def defaults_for(demo: bool) -> dict:
 def hardware_defaults(cuda: bool, bf16_supported: bool, cpus: int, gpus: int) -> dict:
     """Defaults that keep a GPU busy, none on CPU: mixed precision (bf16, or fp16 with loss scaling where bf16 is
     unsupported), a share of the CPU cores as loader workers for each GPU's process, pinned memory and workers kept
-    across epochs. Flags and config files override them."""
+    across epochs. Flags and config files override them. Without a GPU there is nothing to pin memory for (torch
+    warns at every loader), so pinning is off."""
     if not cuda:
-        return {}
+        return {"dataloader_pin_memory": False}
     return {
         "bf16": bf16_supported,
         "fp16": not bf16_supported,
