@@ -269,20 +269,91 @@ def plot_gradient_norms(runs: dict[str, list], path, log_scale: bool = False) ->
 def mean_over_runs(histories: list[list[dict]], key: str) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per epoch that every run logged `key` for: the mean over runs and its 95% t-interval (the mean itself as
     both bounds for a single run)."""
-    import statistics
-
-    from scipy.stats import t
-
     series = [dict(_series(history, key)) for history in histories]
     epochs = sorted(set.intersection(*(set(values) for values in series))) if series else []
     means, lows, highs = [], [], []
     for epoch in epochs:
-        values = [values[epoch] for values in series]
-        mean = statistics.fmean(values)
-        half = (
-            t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0
-        )
+        mean, low, high = mean_ci95([values[epoch] for values in series])
         means.append(mean)
-        lows.append(mean - half)
-        highs.append(mean + half)
+        lows.append(mean if math.isnan(low) else low)
+        highs.append(mean if math.isnan(high) else high)
     return epochs, means, lows, highs
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float, float]:
+    """The mean of `values` and its 95% t-interval (NaN bounds for a single value)."""
+    import statistics
+
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half_width = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half_width, mean + half_width
+
+
+def gradient_norms_by_period(
+    baseline: dict[int, list[dict]], compared: dict[int, list[dict]], period_starts: list[int]
+) -> list[dict]:
+    """Figure 2 in numbers: for each probed layer and period, each run's epoch-mean gradient norm averaged over
+    the epochs that start in the period, then over seeds; and the per-seed ratio compared / baseline (RIFLE /
+    Original) with its 95% interval. A ratio above 1 after a re-init is the paper's mechanism: more gradient
+    reaching that layer.
+
+    Args:
+        baseline: seed -> that run's `log_history`, with `GradientNormCallback` entries (Original).
+        compared: the same for the method compared (RIFLE), on the same seeds.
+        period_starts: the first optimizer step of each period (0, then each re-init step); an epoch belongs to
+            the period its first step falls in.
+    """
+    import bisect
+    import statistics
+
+    def period_means(history: list[dict], key: str) -> dict[int, float]:
+        by_period = {}
+        for entry in history:
+            if key in entry and "grad_norm_steps" in entry:
+                by_period.setdefault(bisect.bisect_right(period_starts, entry["step"]), []).append(entry[key])
+        return {period: statistics.fmean(values) for period, values in by_period.items()}
+
+    seeds = sorted(baseline.keys() & compared.keys())
+    layers = list(dict.fromkeys(k for s in seeds for e in baseline[s] for k in e if k.startswith(GRAD_NORM_PREFIX)))
+    rows = []
+    for key in layers:
+        means = {s: (period_means(baseline[s], key), period_means(compared[s], key)) for s in seeds}
+        for period in range(1, len(period_starts) + 1):
+            paired = [(b[period], c[period]) for b, c in means.values() if period in b and period in c]
+            if not paired:
+                continue
+            ratio, low, high = mean_ci95([c / b for b, c in paired])
+            rows.append(
+                {
+                    "layer": key[len(GRAD_NORM_PREFIX) :],
+                    "period": period,
+                    "seeds": len(paired),
+                    "baseline": statistics.fmean(b for b, _ in paired),
+                    "compared": statistics.fmean(c for _, c in paired),
+                    "ratio": ratio,
+                    "ratio_ci95": [low, high],
+                    "seeds_higher": sum(c > b for b, c in paired),
+                }
+            )
+    return rows
+
+
+def gradient_norm_table(rows: list[dict], baseline: str = "Original", compared: str = "RIFLE") -> str:
+    """`gradient_norms_by_period` as a markdown table."""
+    lines = [
+        f"| layer | period | seeds | {baseline} | {compared} | {compared} / {baseline} [95% CI] | "
+        f"seeds {compared} higher |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        low, high = row["ratio_ci95"]
+        interval = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
+        lines.append(
+            f"| {row['layer']} | {row['period']} | {row['seeds']} | {row['baseline']:.3g} | {row['compared']:.3g} | "
+            f"{row['ratio']:.2f}{interval} | {row['seeds_higher']} of {row['seeds']} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -29,6 +29,9 @@ from .baselines import BASELINES, METHODS, method_flags
 from .diagnostics import (
     GradientNormCallback,
     default_probe_layers,
+    gradient_norm_table,
+    gradient_norms_by_period,
+    mean_ci95,
     plot_accuracy_curves,
     plot_gradient_norms,
     weight_distance_from_pretrained,
@@ -168,14 +171,7 @@ def machine_description() -> dict:
 
 def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> tuple[float, float, float]:
     """Mean of per-seed differences and its 95% t-interval (NaN bounds with a single seed)."""
-    from scipy.stats import t
-
-    differences = [values[seed] - baseline[seed] for seed in values if seed in baseline]
-    mean = statistics.fmean(differences)
-    if len(differences) < 2:
-        return mean, math.nan, math.nan
-    half_width = t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-    return mean, mean - half_width, mean + half_width
+    return mean_ci95([values[seed] - baseline[seed] for seed in values if seed in baseline])
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -250,27 +246,38 @@ def write_tables(results: list[dict], sweep: SweepArguments) -> list[Path]:
 
 def write_figures(sweep: SweepArguments) -> list[Path]:
     """Original against RIFLE (when both ran), first regularizer: Figure 1 for the first seed, Figure 2 averaged
-    over every seed."""
+    over every seed, and Figure 2 in numbers (`figure2_gradient_norms.md`: per layer and period, RIFLE / Original)."""
     seed, regularizer = sweep.seeds[0], sweep.regularizers[0]
     compared = [m for m in ("original", "rifle") if m in sweep.methods]
     runs, reinits, all_seeds = {}, {}, {}
     for method in compared:
-        histories = [
-            json.loads((run_folder(sweep.sweep_dir, method, regularizer, s) / "trainer_state.json").read_text())
+        histories = {
+            s: json.loads((run_folder(sweep.sweep_dir, method, regularizer, s) / "trainer_state.json").read_text())
             for s in sweep.seeds
-        ]
+        }
         config = json.loads((run_folder(sweep.sweep_dir, method, regularizer, seed) / "rifle_config.json").read_text())
-        runs[METHOD_TITLES[method]] = histories[0]["log_history"]
-        all_seeds[METHOD_TITLES[method]] = [state["log_history"] for state in histories]
+        runs[METHOD_TITLES[method]] = histories[seed]["log_history"]
+        all_seeds[METHOD_TITLES[method]] = {s: state["log_history"] for s, state in histories.items()}
         training = config["training"]
         reinits[METHOD_TITLES[method]] = (
-            reinit_steps(histories[0]["max_steps"], training["num_periods"]) if training["reinit_head"] else []
+            reinit_steps(histories[seed]["max_steps"], training["num_periods"]) if training["reinit_head"] else []
         )
     out = Path(sweep.sweep_dir)
-    return [
+    written = [
         plot_accuracy_curves(runs, reinits, out / "figure1_accuracy.png"),
-        plot_gradient_norms(all_seeds, out / "figure2_gradient_norms.png"),
+        plot_gradient_norms(
+            {label: list(h.values()) for label, h in all_seeds.items()}, out / "figure2_gradient_norms.png"
+        ),
     ]
+    if len(compared) == 2:
+        rows = gradient_norms_by_period(all_seeds["Original"], all_seeds["RIFLE"], [0, *reinits["RIFLE"]])
+        (out / "figure2_gradient_norms.md").write_text(
+            f"Gradient norm per probed layer and period ({REGULARIZER_TITLES[regularizer]}, seeds "
+            f"{', '.join(map(str, sweep.seeds))}): each run's mean over the steps of the period's epochs\n\n"
+            + gradient_norm_table(rows)
+        )
+        written.append(out / "figure2_gradient_norms.md")
+    return written
 
 
 def write_weight_drift(sweep: SweepArguments) -> Path:

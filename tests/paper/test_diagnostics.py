@@ -15,6 +15,8 @@ from hf_rifle.paper.diagnostics import (
     GradientNormCallback,
     _step_to_epoch,
     default_probe_layers,
+    gradient_norm_table,
+    gradient_norms_by_period,
     mean_over_runs,
     plot_accuracy_curves,
     plot_gradient_norms,
@@ -266,3 +268,20 @@ def test_mean_over_runs_gives_the_per_epoch_mean_and_a_t_interval():
     epochs, means, lows, highs = mean_over_runs(runs, "g")
     assert epochs == [0.0, 1.0] and means == [2.0, 2.0]
     assert lows[0] == pytest.approx(2.0 - 12.706 * 1.0, rel=1e-3) and lows[1] == highs[1] == 2.0
+
+
+def test_gradient_norms_by_period_pairs_seeds_and_averages_each_period():
+    def history(norms_per_epoch):  # one GradientNormCallback entry per epoch of 10 steps
+        return [
+            {"epoch": float(e), "step": 10 * e, "grad_norm_steps": 10, "grad_norm/stage": norm}
+            for e, norm in enumerate(norms_per_epoch)
+        ]
+
+    original = {1: history([1, 1, 1, 1]), 2: history([2, 2, 2, 2])}
+    rifle = {1: history([1, 1, 2, 2]), 2: history([2, 2, 6, 6])}  # twice and three times Original after step 20
+    rows = gradient_norms_by_period(original, rifle, period_starts=[0, 20])
+    assert [(row["period"], row["baseline"], row["compared"]) for row in rows] == [(1, 1.5, 1.5), (2, 1.5, 4.0)]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["seeds_higher"] == 0
+    assert rows[1]["ratio"] == 2.5 and rows[1]["seeds_higher"] == 2
+    assert rows[1]["ratio_ci95"][0] == pytest.approx(2.5 - 12.706 * 0.5, rel=1e-3)
+    assert "| stage | 2 | 2 | 1.5 | 4 | 2.50 [" in gradient_norm_table(rows)

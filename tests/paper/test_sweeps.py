@@ -61,8 +61,12 @@ def test_reduced_sweep_writes_tables_and_figures_and_reuses_finished_runs(tmp_pa
         "results.csv",
         "figure1_accuracy.png",
         "figure2_gradient_norms.png",
+        "figure2_gradient_norms.md",
         "weight_drift.md",
     }
+    by_period = (sweep_dir / "figure2_gradient_norms.md").read_text()
+    assert "| layer | period | seeds | Original | RIFLE | RIFLE / Original [95% CI] |" in by_period
+    assert "| timm_model.layer4.0.conv2 | 2 | 2 |" in by_period  # the second period (after the re-init), both seeds
     drift = (sweep_dir / "weight_drift.md").read_text()
     assert "| layer | Original | RIFLE |" in drift and "| timm_model.layer4." in drift
     layer4 = next(line for line in drift.splitlines() if line.startswith("| timm_model.layer4."))
