@@ -229,7 +229,7 @@ def _difference_cell(row: dict) -> str:
     low, high = row["diff_ci95_low"], row["diff_ci95_high"]
     interval = "" if math.isnan(low) else f" [{100 * low:+.2f}, {100 * high:+.2f}]"
     signs = f" ({row['seeds_ahead']} ahead, {row['seeds_behind']} behind)"
-    return f"{100 * row['diff_to_original']:+.2f}{interval}{signs}"
+    return f"{round(100 * row['diff_to_original'], 2) + 0.0:+.2f}{interval}{signs}"  # + 0.0: no "-0.00"
 
 
 def write_tables(results: list[dict], sweep: SweepArguments) -> list[Path]:
