@@ -2,7 +2,9 @@
 K in {2, 3, 5} periods and {12, 24, 40} epochs, 10 seeds each, plotted against the epochs per period.
 
 Each cell is a `benchmarks/transfer.py` sweep (resumable, one committed result file per cell). Plain fine-tuning
-does not depend on K, so it runs once per length: the other K's sweep folders link to its run folders.
+does not depend on K, so it runs once per length, in the K = 3 sweep (the main comparison's, whose 40-epoch runs are
+reused): the other K's sweep folders link to its run folders. Cells hold only runs made on this machine with this code
+(`--rerun`: rows from elsewhere are replaced, finished run folders here are reused), so no cell mixes machines.
 
     python benchmarks/grid.py                     # 120 runs: about 2.5 hours on 2 CPU cores
     python benchmarks/grid.py --summarize_only    # the table and figure from the result files so far
@@ -45,7 +47,7 @@ def summarize(epochs_grid, periods_grid) -> dict:
     """Per cell: paired difference RIFLE − Original (points), 95% interval, seeds, positive count."""
     cells = []
     for epochs in epochs_grid:
-        for num_periods in periods_grid:
+        for num_periods in sorted(periods_grid):
             path = cell_file(epochs, num_periods)
             if not path.is_file():
                 continue
@@ -115,7 +117,9 @@ def plot(summary: dict, path: Path) -> Path:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", nargs="+", type=int, default=[12, 24, 40])
-    parser.add_argument("--num_periods", nargs="+", type=int, default=[2, 3, 5])
+    parser.add_argument(
+        "--num_periods", nargs="+", type=int, default=[3, 2, 5], help="K values; the first runs plain fine-tuning"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(1, 11)))
     parser.add_argument("--runs_dir", default="outputs/transfer")
     parser.add_argument("--summarize_only", action="store_true")
@@ -127,7 +131,8 @@ def main(argv=None) -> dict:
                     share_plain_runs(args.runs_dir, epochs, args.num_periods[0], num_periods, args.seeds)
                 transfer.main(
                     ["--settings", SETTING, "--regularizers", REGULARIZER, "--epochs", str(epochs),
-                     "--num_periods", str(num_periods), "--seeds", *map(str, args.seeds), "--runs_dir", args.runs_dir]
+                     "--num_periods", str(num_periods), "--seeds", *map(str, args.seeds), "--runs_dir", args.runs_dir,
+                     "--rerun"]
                 )  # fmt: skip
     summary = summarize(args.epochs, args.num_periods)
     (RESULTS / f"grid-{SETTING}-{REGULARIZER}.json").write_text(json.dumps(summary, indent=2) + "\n")
