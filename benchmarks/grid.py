@@ -23,9 +23,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SETTING, REGULARIZER, RESOLUTION = "sklearn-10", "l2sp", 56
 
 
-def cell_file(epochs: int, num_periods: int) -> Path:
+def cell_file(results_dir: Path, epochs: int, num_periods: int) -> Path:
+    """transfer.py's default name for the cell: the 40-epoch K = 3 cell is the main comparison's file."""
     periods = "" if num_periods == 3 else f"-K{num_periods}"
-    return RESULTS / f"transfer-{SETTING}-{RESOLUTION}px-{epochs}ep{periods}.json"
+    return Path(results_dir) / f"transfer-{SETTING}-{RESOLUTION}px-{epochs}ep{periods}.json"
 
 
 def sweep_dir(runs_dir: str, epochs: int, num_periods: int) -> Path:
@@ -43,12 +44,12 @@ def share_plain_runs(runs_dir: str, epochs: int, source_periods: int, target_per
             target.symlink_to(source, target_is_directory=True)
 
 
-def summarize(epochs_grid, periods_grid) -> dict:
+def summarize(results_dir: Path, epochs_grid, periods_grid) -> dict:
     """Per cell: paired difference RIFLE − Original (points), 95% interval, seeds, positive count."""
     cells = []
     for epochs in epochs_grid:
         for num_periods in sorted(periods_grid):
-            path = cell_file(epochs, num_periods)
+            path = cell_file(results_dir, epochs, num_periods)
             if not path.is_file():
                 continue
             runs = [
@@ -122,6 +123,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(1, 11)))
     parser.add_argument("--runs_dir", default="outputs/transfer")
+    parser.add_argument("--results_dir", type=Path, default=RESULTS, help="cell files, table and figure")
     parser.add_argument("--summarize_only", action="store_true")
     args = parser.parse_args(argv)
     if not args.summarize_only:
@@ -132,13 +134,13 @@ def main(argv=None) -> dict:
                 transfer.main(
                     ["--settings", SETTING, "--regularizers", REGULARIZER, "--epochs", str(epochs),
                      "--num_periods", str(num_periods), "--seeds", *map(str, args.seeds), "--runs_dir", args.runs_dir,
-                     "--rerun"]
+                     "--output", str(cell_file(args.results_dir, epochs, num_periods)), "--rerun"]
                 )  # fmt: skip
-    summary = summarize(args.epochs, args.num_periods)
-    (RESULTS / f"grid-{SETTING}-{REGULARIZER}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (RESULTS / f"grid-{SETTING}-{REGULARIZER}.md").write_text(markdown(summary))
+    summary = summarize(args.results_dir, args.epochs, args.num_periods)
+    (args.results_dir / f"grid-{SETTING}-{REGULARIZER}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.results_dir / f"grid-{SETTING}-{REGULARIZER}.md").write_text(markdown(summary))
     if summary["cells"]:
-        plot(summary, RESULTS / "figures" / f"grid-{SETTING}-{REGULARIZER}.png")
+        plot(summary, args.results_dir / "figures" / f"grid-{SETTING}-{REGULARIZER}.png")
     print(markdown(summary))
     return summary
 

@@ -14,11 +14,12 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 pytestmark = pytest.mark.slow  # four real (1-epoch) fine-tuning runs of the offline demo: a few minutes
 
 
-def load_transfer():
-    """benchmarks/ is no package, so the script is imported from its path."""
+def load_script(name: str):
+    """benchmarks/ is no package, so a script is imported from its path (with its folder on the path for its own
+    imports of the other scripts)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location("transfer", BENCHMARKS / "transfer.py")
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -27,7 +28,7 @@ def load_transfer():
 
 
 def test_runs_recorded_in_the_result_file_are_not_redone(tmp_path):
-    transfer = load_transfer()
+    transfer = load_script("transfer")
     output, runs = tmp_path / "transfer.json", tmp_path / "runs"
     common = ["--settings", "sklearn-10", "--epochs", "1", "--regularizers", "l2", "--output", str(output)]
     transfer.main([*common, "--seeds", "1", "--runs_dir", str(runs)])
