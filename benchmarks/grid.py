@@ -6,7 +6,7 @@ does not depend on K, so it runs once per length, in the K = 3 sweep (the main c
 reused): the other K's sweep folders link to its run folders. Cells hold only runs made on this machine with this code
 (`--rerun`: rows from elsewhere are replaced, finished run folders here are reused), so no cell mixes machines.
 
-    python benchmarks/grid.py                     # 120 runs: about 2.5 hours on 2 CPU cores
+    python benchmarks/grid.py                     # about 2 hours on 2 CPU cores
     python benchmarks/grid.py --summarize_only    # the table and figure from the result files so far
 """
 
@@ -25,13 +25,11 @@ SETTING, REGULARIZER, RESOLUTION = "sklearn-10", "l2sp", 56
 
 def cell_file(results_dir: Path, epochs: int, num_periods: int) -> Path:
     """transfer.py's default name for the cell: the 40-epoch K = 3 cell is the main comparison's file."""
-    periods = "" if num_periods == 3 else f"-K{num_periods}"
-    return Path(results_dir) / f"transfer-{SETTING}-{RESOLUTION}px-{epochs}ep{periods}.json"
+    return Path(results_dir) / f"transfer-{transfer.sweep_name(SETTING, RESOLUTION, epochs, num_periods)}.json"
 
 
 def sweep_dir(runs_dir: str, epochs: int, num_periods: int) -> Path:
-    periods = "" if num_periods == 3 else f"-K{num_periods}"
-    return Path(runs_dir) / f"{SETTING}-{RESOLUTION}px-{epochs}ep{periods}"
+    return Path(runs_dir) / transfer.sweep_name(SETTING, RESOLUTION, epochs, num_periods)
 
 
 def share_plain_runs(runs_dir: str, epochs: int, source_periods: int, target_periods: int, seeds) -> None:

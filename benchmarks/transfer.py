@@ -77,9 +77,8 @@ def main(argv=None):
         "settings": vars(args),
         "results": {},
     }
-    periods = "" if args.num_periods == 3 else f"-K{args.num_periods}"
-    default_name = f"transfer-{'+'.join(args.settings)}-{args.resolution}px-{args.epochs}ep{periods}.json"
-    output = Path(args.output or Path("benchmarks/results") / default_name)
+    all_settings = sweep_name("+".join(args.settings), args.resolution, args.epochs, args.num_periods)
+    output = Path(args.output or Path("benchmarks/results") / f"transfer-{all_settings}.json")
     earlier = json.loads(output.read_text())["results"] if output.is_file() else {}
     for name in args.settings:
         requested = {(method, r, seed) for method in METHODS for r in args.regularizers for seed in args.seeds}
@@ -89,7 +88,7 @@ def main(argv=None):
         missing_seeds = sorted({seed for _, _, seed in requested - set(map(run_key, earlier_runs))})
         new_runs = []
         if missing_seeds:
-            sweep_dir = Path(args.runs_dir) / f"{name}-{args.resolution}px-{args.epochs}ep{periods}"
+            sweep_dir = Path(args.runs_dir) / sweep_name(name, args.resolution, args.epochs, args.num_periods)
             sweeps.main(
                 [
                     "--methods",
@@ -114,6 +113,12 @@ def main(argv=None):
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({**report, "results": {**earlier, **report["results"]}}, indent=2) + "\n")
     print(f"wrote {output}")
+
+
+def sweep_name(setting: str, resolution: int, epochs: int, num_periods: int) -> str:
+    """The sweep folder's name, and the result file's after `transfer-`; the paper's K = 3 goes unnamed."""
+    periods = "" if num_periods == 3 else f"-K{num_periods}"
+    return f"{setting}-{resolution}px-{epochs}ep{periods}"
 
 
 def seeds_run_here(sweep_dir: Path, seeds: list[int], regularizers: list[str]) -> list[int]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.benchmarks.test_transfer import BENCHMARKS, load_script
+from tests.benchmarks import BENCHMARKS, load_script
 
 pytestmark = pytest.mark.slow  # six real (1-epoch) fine-tuning runs of the offline demo: two seeds, for an interval
 

@@ -1,32 +1,23 @@
 """Smoke test of benchmarks/overhead.py: a tiny run of its main, checked through the JSON it writes."""
 
 import contextlib
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-OVERHEAD_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
+from tests.benchmarks import load_script
+
 VARIANTS = {"trainer", "rifle_l2sp", "trainer_callback"}
 ROUNDS, STEPS = 2, 3
 
 pytestmark = pytest.mark.slow  # a real (tiny) benchmark run: half a minute
 
 
-def load_overhead():
-    """benchmarks/ is no package, so the script is imported from its path."""
-    spec = importlib.util.spec_from_file_location("overhead", OVERHEAD_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def overhead():
-    return load_overhead()
+    return load_script("overhead")
 
 
 @pytest.fixture(scope="module")

@@ -1,27 +1,17 @@
 """Smoke test of benchmarks/pipeline.py: its loader part on a few JPEGs, and its end-to-end part when the
 transformers example it compares against is at hand (../shared/peer)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-PIPELINE_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "pipeline.py"
+from tests.benchmarks import load_script
 
 pytestmark = pytest.mark.slow  # real (tiny) runs of both training scripts: about a minute
 
 
-def load_pipeline():
-    """benchmarks/ is no package, so the script is imported from its path."""
-    spec = importlib.util.spec_from_file_location("pipeline", PIPELINE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_loader_part_reports_cold_and_warm_throughput_against_the_example(tmp_path):
-    pipeline = load_pipeline()
+    pipeline = load_script("pipeline")
     output = tmp_path / "pipeline.json"
     pipeline.main(["--parts", "loader", "--images", "16", "--repeats", "1", "--output", str(output)])
     loader = json.loads(output.read_text())["loader"]
@@ -31,7 +21,7 @@ def test_loader_part_reports_cold_and_warm_throughput_against_the_example(tmp_pa
 
 
 def test_end_to_end_part_runs_both_training_scripts(tmp_path):
-    pipeline = load_pipeline()
+    pipeline = load_script("pipeline")
     if not pipeline.EXAMPLE_SCRIPT.is_file():
         pytest.skip(f"the transformers example is not at {pipeline.EXAMPLE_SCRIPT}")
     output = tmp_path / "pipeline.json"

@@ -1,30 +1,14 @@
 """benchmarks/transfer.py resumes from its committed result file: runs already recorded there are not redone,
 on this machine or another, and every row says which machine it ran on."""
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks import load_script
 
 pytestmark = pytest.mark.slow  # four real (1-epoch) fine-tuning runs of the offline demo: a few minutes
-
-
-def load_script(name: str):
-    """benchmarks/ is no package, so a script is imported from its path (with its folder on the path for its own
-    imports of the other scripts)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
 
 
 def test_runs_recorded_in_the_result_file_are_not_redone(tmp_path):
