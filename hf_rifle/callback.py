@@ -22,10 +22,13 @@ from .optim import (
     head_learning_rate,
     record_head_update_,
     rescale_head_update_,
+    store_run_shape_,
+    stored_run_shape,
     unscale_gradients_,
 )
+from .preemption import JIT_CHECKPOINT_REFUSED
 from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
-from .schedule import period_starts, position_in_period
+from .schedule import RunShape, check_resumed_shape, period_starts, position_in_period
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +152,10 @@ class RifleTrainerCallback(TrainerCallback):
         # Fail before the first step, not at the first period boundary.
         if args.fsdp or args.deepspeed:
             raise ValueError(SHARDED_TRAINING_REFUSED)
+        if getattr(args, "enable_jit_checkpoint", False):
+            raise ValueError(JIT_CHECKPOINT_REFUSED)
         period_starts(state.max_steps, self.num_periods)
+        self._keep_run_shape(args, state, optimizer)
         _, head = find_head(model, self.head_module)
         self._head_params = list(head.parameters())  # re-initialization keeps these Parameter objects
         check_weight_decay(self.regularizer, args.weight_decay)
@@ -217,6 +223,19 @@ class RifleTrainerCallback(TrainerCallback):
         if self._l2sp is not None:
             values["l2sp_loss"] = l2sp_penalty(*self._l2sp, self.l2sp_alpha, self.l2sp_beta).item()
         add_to_training_log_(state, logs, values)
+
+    def _keep_run_shape(self, args, state, optimizer) -> None:
+        """Refuse a resume that would change the run's number of steps (another number of processes, batch size
+        or accumulation), which would move every period; a first run records its shape in the optimizer."""
+        if optimizer is None:
+            return
+        shape = RunShape(
+            state.max_steps, args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
+        )
+        saved = stored_run_shape(optimizer)
+        if saved is not None:
+            check_resumed_shape(saved, shape, self.num_periods)
+        store_run_shape_(optimizer, saved or shape)
 
     def _record_pretrained(self, model) -> None:
         _, head = find_head(model, self.head_module)

@@ -105,8 +105,11 @@ def render_model_card(
     timm_architecture: str | None = None,
     plot_file: str | None = PLOT_FILE,
     extra_settings: list[tuple[str, str]] | None = None,
+    trained_steps: int | None = None,
+    stopped_early: str | None = None,
 ) -> ModelCard:
-    """A model card with `model-index` metadata that `huggingface_hub.ModelCard` parses back."""
+    """A model card with `model-index` metadata that `huggingface_hub.ModelCard` parses back. A run that stopped
+    before `max_steps` says so, with `trained_steps` and the reason `stopped_early`, above its results."""
     metrics = final_metrics(log_history)
     eval_results = [
         EvalResult(
@@ -149,6 +152,8 @@ def render_model_card(
         settings=run_settings(args) + list(extra_settings or []),
         reinit_steps=", ".join(map(str, reinit_steps)) or "none",
         max_steps=max_steps,
+        trained_steps=max_steps if trained_steps is None else trained_steps,
+        stopped_early=stopped_early,
         repo_id=repo_id,
         timm_architecture=timm_architecture,
     )

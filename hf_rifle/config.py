@@ -10,6 +10,8 @@ from typing import Literal
 
 from transformers import SchedulerType, TrainingArguments
 
+from .preemption import DEFAULT_PREEMPTION_SIGNALS, JIT_CHECKPOINT_REFUSED, parse_signals
+
 HEAD_LR_SCHEDULES = ("cyclic_cosine", "trainer")
 HEAD_INITS = ("default", "normal")
 REGULARIZERS = ("l2", "l2sp")
@@ -108,6 +110,14 @@ class RifleConfig(TrainingArguments):
         default=0.01, metadata={"help": "L2-SP strength on the backbone's drift from its pretrained weights."}
     )
     l2sp_beta: float = field(default=0.01, metadata={"help": "L2-SP strength (plain L2) on the new head."})
+    preemption_signals: str = field(
+        default=DEFAULT_PREEMPTION_SIGNALS,
+        metadata={
+            "help": "Signals that preempt the run (comma-separated): on one, received by any rank, every rank stops at "
+            "the next optimizer step, writes one checkpoint and exits with status 143; the same command resumes. "
+            "'none' turns this off (docs/reliability.md)."
+        },
+    )
 
     @property
     def method(self) -> str:
@@ -123,6 +133,9 @@ class RifleConfig(TrainingArguments):
         if self.weight_decay is None:
             self.weight_decay = PAPER_WEIGHT_DECAY if self.regularizer == "l2" else 0.0
         check_weight_decay(self.regularizer, self.weight_decay)
+        parse_signals(self.preemption_signals)
+        if self.enable_jit_checkpoint:
+            raise ValueError(JIT_CHECKPOINT_REFUSED)
         super().__post_init__()
 
 

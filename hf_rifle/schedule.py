@@ -80,3 +80,46 @@ class CyclicCosineSchedule:
 
     def __call__(self, step: int) -> float:
         return head_lr_factor(step, self.max_steps, self.num_periods, trainer_lr_is_zero=step == 0 < self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run's optimizer steps are made of. RIFLE's periods (and the learning-rate schedules) are defined on
+    `max_steps`, which a resume with another number of processes, batch size or accumulation would change."""
+
+    max_steps: int
+    processes: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.processes * self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def describe(self) -> str:
+        return (
+            f"{self.processes} process{'es' if self.processes > 1 else ''} x batch {self.per_device_train_batch_size} "
+            f"x accumulation {self.gradient_accumulation_steps} = {self.samples_per_step} samples per step"
+        )
+
+
+def check_resumed_shape(saved: RunShape, resumed: RunShape, num_periods: int) -> None:
+    """Refuse a resume whose run would have another number of optimizer steps than the run it continues, naming
+    what changed and the settings that keep the schedule."""
+    if saved.max_steps == resumed.max_steps:
+        return
+    samples, processes = saved.samples_per_step, resumed.processes
+    if samples % (processes * resumed.per_device_train_batch_size) == 0:
+        fix = f"gradient_accumulation_steps={samples // (processes * resumed.per_device_train_batch_size)}"
+    elif samples % processes == 0:
+        fix = f"per_device_train_batch_size={samples // processes}, gradient_accumulation_steps=1"
+    else:
+        fix = f"a number of processes that divides {samples}"
+    steps = ", ".join(map(str, reinit_steps(saved.max_steps, num_periods))) or "none"
+    raise ValueError(
+        f"The checkpoint being resumed comes from a run of {saved.max_steps} optimizer steps ({saved.describe()}); "
+        f"this run would take {resumed.max_steps} ({resumed.describe()}). RIFLE's periods (head re-drawn at steps "
+        f"{steps}) and the learning-rate schedules are defined on the first run's steps, so resuming like this would "
+        f"add or skip re-initializations. Keep {samples} samples per optimizer step (with {processes} "
+        f"process{'es' if processes > 1 else ''}: {fix}), or start over in a new output_dir."
+    )

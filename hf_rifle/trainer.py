@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback
@@ -24,6 +24,7 @@ from .checkpoints import STAGING_DIR, check_resumable, finalize_checkpoint_, new
 from .config import RifleConfig
 from .heads import find_head
 from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_param_groups_
+from .preemption import PreemptionCallback, parse_signals
 from .regularizers import split_backbone_and_head
 from .schedule import position_in_period, reinit_steps
 
@@ -67,7 +68,10 @@ class RifleTrainer(Trainer):
         # Passed at construction, so with L2-SP the callback records the pretrained backbone before any resume.
         self.rifle = RifleTrainerCallback(**args.method_settings())
         self._checkpoint_staging = None  # set while `_save_checkpoint` writes: see `_get_output_dir`
-        kwargs["callbacks"] = [self.rifle, *(kwargs.get("callbacks") or [])]
+        callbacks = [self.rifle, *(kwargs.get("callbacks") or [])]
+        if parse_signals(args.preemption_signals) and not any(isinstance(c, PreemptionCallback) for c in callbacks):
+            callbacks.append(PreemptionCallback(args.preemption_signals))
+        kwargs["callbacks"] = callbacks
         super().__init__(model=model, args=args, **kwargs)
         self.train_data_collator = train_data_collator
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -112,9 +116,10 @@ class RifleTrainer(Trainer):
                 self.state.best_model_checkpoint = str(best)
                 self.state.save_to_json(str(staging / name / "trainer_state.json"))
             finalize_checkpoint_(staging / name)
-            shutil.rmtree(run_dir / name, ignore_errors=True)  # an earlier, superseded save of this step
+            if (run_dir / name).exists():  # an earlier save of this step: set aside, removed once the new one is in
+                (run_dir / name).rename(staging / f"superseded-{name}")
             (staging / name).rename(run_dir / name)
-            staging.rmdir()
+            shutil.rmtree(staging)
             rotate_checkpoints(
                 output_dir=str(run_dir),
                 save_total_limit=self.args.save_total_limit,
@@ -175,6 +180,21 @@ class RifleTrainer(Trainer):
         """Optimizer steps at which this run re-initializes (or re-initialized) the head."""
         return reinit_steps(self.state.max_steps, self.args.num_periods) if self.args.reinit_head else []
 
+    def stopped_early(self) -> str | None:
+        """Why training ended before its schedule did (`max_steps`), or None when it ran to the end."""
+        if self.state.global_step >= self.state.max_steps:
+            return None
+        for callback in self.callback_handler.callbacks:
+            if (
+                isinstance(callback, EarlyStoppingCallback)
+                and callback.early_stopping_patience_counter >= callback.early_stopping_patience
+            ):
+                return (
+                    f"early stopping, {self.args.metric_for_best_model} did not improve for "
+                    f"{callback.early_stopping_patience} evaluations"
+                )
+        return "a callback set control.should_training_stop"
+
     def create_model_card(
         self, model_name=None, finetuned_from=None, dataset=None, dataset_args=None, extra_settings=None, **kwargs
     ) -> None:
@@ -187,7 +207,7 @@ class RifleTrainer(Trainer):
             return
         output_dir = Path(self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        reinits = self.reinit_steps()
+        reinits = [step for step in self.reinit_steps() if step < self.state.global_step]  # those that happened
         plot = plot_learning_curve(self.state.log_history, reinits, output_dir / PLOT_FILE)
         config = self.model.config
         card = render_model_card(
@@ -202,5 +222,7 @@ class RifleTrainer(Trainer):
             timm_architecture=getattr(config, "architecture", None),
             plot_file=plot.name if plot else None,
             extra_settings=extra_settings,
+            trained_steps=self.state.global_step,
+            stopped_early=self.stopped_early(),
         )
         card.save(os.path.join(output_dir, "README.md"))

@@ -24,6 +24,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from ..card import PLOT_FILE
 from ..checkpoints import check_resumable, newest_complete_checkpoint
 from ..config import RifleConfig
+from ..preemption import PreemptionCallback, parse_signals
 from .data import (
     DataArguments,
     EpochSeededDataset,
@@ -86,6 +87,12 @@ OPERATIONAL_SETTINGS = {
     "cache_dir",
     "image_cache",
     "image_cache_max_gb",
+    "preemption_signals",
+    "use_cpu",
+    # May change on resume (say, on another number of GPUs) while the samples per optimizer step stay the same:
+    # RifleTrainerCallback refuses, at train begin, a resume that would change the run's number of steps.
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
 }
 # The paper's optimisation (SGD, momentum 0.9, lr 0.01, cosine) and what a recipe run reports; flags and
 # config files override them.
@@ -220,17 +227,20 @@ def defaults_for(demo: bool) -> dict:
         bf16_supported=cuda and torch.cuda.is_bf16_supported(),
         cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
         gpus=torch.cuda.device_count() if cuda else 0,
+        mps=torch.backends.mps.is_available(),
     )
     return {**RECIPE_DEFAULTS, **hardware, **(DEMO_DEFAULTS if demo else {})}
 
 
-def hardware_defaults(cuda: bool, bf16_supported: bool, cpus: int, gpus: int) -> dict:
+def hardware_defaults(cuda: bool, bf16_supported: bool, cpus: int, gpus: int, mps: bool = False) -> dict:
     """Defaults that keep a GPU busy, none on CPU: mixed precision (bf16, or fp16 with loss scaling where bf16 is
     unsupported), a share of the CPU cores as loader workers for each GPU's process, pinned memory and workers kept
     across epochs. Flags and config files override them. Without a GPU there is nothing to pin memory for (torch
-    warns at every loader), so pinning is off."""
+    warns at every loader), so pinning is off; and without any accelerator the run is on the CPU explicitly, since
+    only then does `torchrun --nproc_per_node N` give data-parallel training (otherwise transformers silently runs
+    N independent copies of the run)."""
     if not cuda:
-        return {"dataloader_pin_memory": False}
+        return {"dataloader_pin_memory": False, **({} if mps else {"use_cpu": True})}
     return {
         "bf16": bf16_supported,
         "fp16": not bf16_supported,
@@ -349,8 +359,18 @@ def main(
     newest_checkpoint = resume_point(args.output_dir, record)  # also refuses another run's output_dir
     last_checkpoint = args.resume_from_checkpoint or newest_checkpoint
 
-    with no_empty_output_dir_left_on_error(args.output_dir):
-        metrics = train_evaluate_save(run, extensions, record, last_checkpoint, callbacks)
+    # Signals are recorded from here on: one during data loading or the image cache build lets it finish (the next
+    # run reuses the cache), then stops the run at train begin; see hf_rifle.preemption.
+    preemption = PreemptionCallback(args.preemption_signals) if parse_signals(args.preemption_signals) else None
+    if preemption:
+        preemption.install()
+        callbacks = [*(callbacks or []), preemption]
+    try:
+        with no_empty_output_dir_left_on_error(args.output_dir):
+            metrics = train_evaluate_save(run, extensions, record, last_checkpoint, callbacks, preemption)
+    finally:
+        if preemption:
+            preemption.restore()
     if torch.distributed.is_initialized():
         # Tear the process group down while every rank is alive: gloo may otherwise abort at exit.
         torch.distributed.barrier()
@@ -359,9 +379,17 @@ def main(
 
 
 def train_evaluate_save(
-    run: RecipeArguments, extensions: Sequence[RecipeExtension], record: dict, last_checkpoint, callbacks
+    run: RecipeArguments,
+    extensions: Sequence[RecipeExtension],
+    record: dict,
+    last_checkpoint,
+    callbacks,
+    preemption: PreemptionCallback | None = None,
 ) -> dict[str, float]:
-    """The recipe proper: data -> model and preprocessing -> train -> evaluate -> save, card, push."""
+    """The recipe proper: data -> model and preprocessing -> train -> evaluate -> save, card, push.
+
+    A preemption signal after training stops the run before the final writes (after the final evaluation), or
+    before the push (after them): the same command then resumes from the newest checkpoint and finalizes."""
     model_args, data_args, args = run.model, run.data, run.training
     # 1. Data, as uint8 images: decoded and resized once into the image cache by the main process, whose cache the
     # other ranks then read
@@ -437,6 +465,8 @@ def train_evaluate_save(
     metrics = {**train_result.metrics, **trainer.evaluate()}
     if "test" in inputs:
         metrics.update(trainer.evaluate(inputs["test"], metric_key_prefix="test"))
+    if preemption:
+        preemption.exit_if_signaled(args, trainer.state, checkpoint=None)
 
     # 5. Save the model, its config and metrics, the card and the plot; push if asked
     if trainer.is_world_process_zero():
@@ -451,9 +481,11 @@ def train_evaluate_save(
     )
     trainer.create_model_card(**card_kwargs)
     if args.push_to_hub:
+        if preemption:
+            preemption.exit_if_signaled(args, trainer.state, checkpoint=None)
         trainer.push_to_hub(commit_message=f"{args.method} fine-tuning with hf_rifle", **card_kwargs)
     if trainer.is_world_process_zero():
-        print(summary(metrics, args))
+        print(summary(metrics, args, trainer.state.global_step, trainer.state.max_steps, trainer.stopped_early()))
     return metrics
 
 
@@ -469,9 +501,16 @@ def cli() -> None:
     main()
 
 
-def summary(metrics: dict[str, float], args: RifleConfig) -> str:
-    """What a user wants at the end of a run: the accuracies and where the outputs are."""
-    lines = [f"{args.method} ({args.regularizer.upper()}) fine-tuning finished."]
+def summary(
+    metrics: dict[str, float], args: RifleConfig, trained_steps: int, max_steps: int, stopped_early: str | None = None
+) -> str:
+    """What a user wants at the end of a run: how far it trained, the accuracies and where the outputs are."""
+    run = f"{args.method} ({args.regularizer.upper()}) fine-tuning"
+    lines = [
+        f"{run} stopped early, after optimizer step {trained_steps} of {max_steps} ({stopped_early})."
+        if stopped_early
+        else f"{run} finished ({max_steps} optimizer steps)."
+    ]
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if f"{prefix}_accuracy" in metrics:
             top5 = metrics.get(f"{prefix}_top5_accuracy")

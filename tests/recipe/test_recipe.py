@@ -307,7 +307,13 @@ def test_local_weights_file_with_a_timm_architecture(image_folders, tmp_path):
 
 
 def test_gpu_defaults_only_with_cuda():
-    assert hardware_defaults(cuda=False, bf16_supported=False, cpus=16, gpus=0) == {"dataloader_pin_memory": False}
+    assert hardware_defaults(cuda=False, bf16_supported=False, cpus=16, gpus=0) == {
+        "dataloader_pin_memory": False,
+        "use_cpu": True,  # without it, torchrun on CPU runs independent copies instead of data-parallel training
+    }
+    assert hardware_defaults(cuda=False, bf16_supported=False, cpus=8, gpus=0, mps=True) == {
+        "dataloader_pin_memory": False
+    }
     assert hardware_defaults(cuda=True, bf16_supported=True, cpus=16, gpus=2) == {
         "bf16": True,
         "fp16": False,
