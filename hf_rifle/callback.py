@@ -171,7 +171,7 @@ class RifleTrainerCallback(TrainerCallback):
         if self._rescale_head:
             check_update_scales_with_lr(optimizer)
         self._warn_about_settings(args, state, model, optimizer)
-        _run_before_reporting_callbacks(self)
+        run_before_reporting_callbacks(self)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self.reinit_head:
@@ -294,7 +294,7 @@ def _loss_ignores_items_in_batch(model) -> bool:
     return getattr(model, "main_input_name", None) == "pixel_values" and getattr(model, "accepts_loss_kwargs", True)
 
 
-def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
+def run_before_reporting_callbacks(callback: TrainerCallback) -> None:
     """Move `callback` to the front of the Trainer's callbacks, so the values its `on_log` adds reach the reporting
     integrations (TensorBoard, W&B, ...), which Trainer puts before the user's callbacks.
 
@@ -305,7 +305,10 @@ def _run_before_reporting_callbacks(callback: TrainerCallback) -> None:
     while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
         frame = frame.f_back
     if frame is None or callback not in frame.f_locals["self"].callbacks:
-        logger.warning("RIFLE: could not reach the Trainer's callbacks; head_learning_rate may miss the integrations.")
+        logger.warning(
+            "%s could not reach the Trainer's callbacks: the values it logs may miss the reporting integrations.",
+            type(callback).__name__,
+        )
         return
     callbacks = frame.f_locals["self"].callbacks
     callbacks.remove(callback)

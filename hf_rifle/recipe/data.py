@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -17,10 +18,11 @@ from typing import Literal, get_args
 import datasets
 import numpy as np
 import torch
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from packaging.version import Version
 from transformers import TrainerCallback
 
-from ..callback import add_to_training_log_
+from ..callback import run_before_reporting_callbacks, add_to_training_log_
 from .images import CachedImages, PrepareImage, RandomCropAndFlip, cached_images
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ IMAGE_COLUMN_NAMES = ("image", "img", "picture", "photo")
 # "coarse_label" is deliberately absent: CIFAR-100 has both, and the fine labels are the task.
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "category")
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
+FOLDER_FLAGS = {"train": "--train_dir", "validation": "--validation_dir", "test": "--test_dir"}
+IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)  # the files imagefolder reads as images
+IMAGE_FILES = "files named *.jpg, *.png, *.webp, ..."
 DemoSource = Literal["sklearn", "mnist"]
 DEMO_SOURCES = get_args(DemoSource)
 DEMO_SAMPLES_PER_CLASS = 20
@@ -218,22 +223,123 @@ def _load_hub(args, cache_dir, token) -> datasets.DatasetDict:
 
 
 def _load_folders(args, cache_dir) -> datasets.DatasetDict:
-    """Local folders go through the `imagefolder` builder: class names come from sub-folder names."""
-    data_files = {}
-    for split, flag, directory in (
-        ("train", "--train_dir", args.train_dir),
-        ("validation", "--validation_dir", args.validation_dir),
-        ("test", "--test_dir", args.test_dir),
-    ):
-        if directory is None:
-            continue
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(
-                f"{flag} {directory!r} is not a directory; "
-                "point it at a folder with one sub-folder of images per class."
-            )
-        data_files[split] = os.path.join(directory, "**")
-    return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+    """Local folders go through the `imagefolder` builder: class names come from sub-folder names.
+
+    The layout is checked first (`check_class_folders`): imagefolder silently leaves out an empty class folder, and
+    drops the label column with a single class. Labels are always read from the folders (`drop_labels=False`): by
+    default imagefolder drops them as well when the splits' folders lie at different depths (`data/train` and
+    `other/data/val`).
+    """
+    directories = {"train": args.train_dir, "validation": args.validation_dir, "test": args.test_dir}
+    directories = {split: directory for split, directory in directories.items() if directory is not None}
+    check_class_folders(directories)
+    data_files = {split: os.path.join(directory, "**") for split, directory in directories.items()}
+    return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir, drop_labels=False)
+
+
+def check_class_folders(directories: dict[str, str]) -> None:
+    """Refuse local folders (`{"train": path, "validation": path, ...}`) from which imagefolder would build the
+    wrong task without a word: a single training class (imagefolder then drops the labels), or an evaluation class
+    that training lacks (the model could never predict it, yet it would get a label id of its own).
+    """
+    counts = {split: count_class_images(directory, FOLDER_FLAGS[split]) for split, directory in directories.items()}
+    training = counts.pop("train")
+    if len(training) < 2:
+        raise ValueError(
+            f"--train_dir {directories['train']} holds images of only one class, {_describe_classes(training)}; "
+            "classification needs at least two. Put the images of each class in a sub-folder named after the class: "
+            "<train_dir>/<class>/<image>."
+        )
+    for split, per_class in counts.items():
+        _check_evaluation_classes(FOLDER_FLAGS[split], directories[split], per_class, training, directories["train"])
+
+
+def _check_evaluation_classes(flag, directory, per_class, training, train_dir) -> None:
+    """An evaluation folder's classes must all be training classes. Training classes it lacks are only warned
+    about: the label ids stay right (imagefolder numbers the classes of all splits together), and that split's
+    metrics leave those classes out."""
+    unknown = {name: count for name, count in per_class.items() if name not in training}
+    if unknown:
+        raise ValueError(
+            f"{flag} {directory} has classes that --train_dir {train_dir} lacks: {_describe_classes(unknown)}. The "
+            f"model cannot learn a class it never sees: add their images to --train_dir, or remove their folders "
+            f"from {flag}."
+        )
+    missing = [name for name in training if name not in per_class]
+    if missing:
+        logger.warning(
+            "%s %s has no images of the training classes %s, so its metrics leave them out.",
+            flag,
+            directory,
+            ", ".join(map(repr, missing)),
+        )
+
+
+def count_class_images(directory: str, flag: str) -> dict[str, int]:
+    """Images per class in a folder with one sub-folder per class, counted as imagefolder labels them: by the
+    name of the folder an image sits in, leaving out hidden files and folders as datasets does.
+
+    Refuses what imagefolder would get wrong without a word: images outside any class folder (labelled with the
+    folder's own name) and class folders without images (left out, and their class with them).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{flag} {directory!r} is not a directory; point it at a folder with one sub-folder of images per class."
+        )
+    images_per_folder = Counter(path.parent for path in _image_files(root))
+    if not images_per_folder:
+        raise ValueError(
+            f"{flag} {directory} holds no images ({IMAGE_FILES}); point it at a folder with one sub-folder of images "
+            "per class."
+        )
+    loose = images_per_folder.pop(root, 0)
+    if loose:
+        raise ValueError(
+            f"{flag} {directory} holds {_images(loose)} directly, outside any class folder: move each image into "
+            "the sub-folder named after its class."
+        )
+    empty = _class_folders_without_images(root, images_per_folder)
+    if empty:
+        raise ValueError(
+            f"{flag} {directory}: the class folder(s) {', '.join(map(repr, empty))} hold no images ({IMAGE_FILES}), "
+            "so their classes would silently be left out. Add their images, or remove the folders."
+        )
+    per_class = Counter()
+    for folder, count in images_per_folder.items():
+        per_class[folder.name] += count
+    return dict(sorted(per_class.items()))
+
+
+def _class_folders_without_images(root: Path, image_folders) -> list[str]:
+    with_images = {folder.relative_to(root).parts[0] for folder in image_folders}
+    return [
+        folder.name
+        for folder in sorted(root.iterdir())
+        if folder.is_dir() and not _is_skipped_folder(folder.name) and folder.name not in with_images
+    ]
+
+
+def _image_files(root: Path):
+    """The files under `root` that imagefolder reads as images: known extensions, leaving out what datasets skips
+    when it expands `**` (hidden files, hidden and special folders such as .ipynb_checkpoints and __pycache__)."""
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not _is_skipped_folder(name)]
+        for name in files:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield Path(folder, name)
+
+
+def _is_skipped_folder(name: str) -> bool:
+    return name.startswith((".", "__"))
+
+
+def _describe_classes(per_class: dict[str, int]) -> str:
+    return ", ".join(f"{name!r} ({_images(count)})" for name, count in per_class.items())
+
+
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
 
 
 def _train_validation_test(raw, label_col, train_val_split, seed) -> datasets.DatasetDict:
@@ -254,7 +360,25 @@ def _split_off_validation(train, label_col, fraction, seed):
     except ValueError as error:  # e.g. a class with a single image cannot be stratified
         logger.warning("Cannot stratify the validation split by %r (%s); splitting at random.", label_col, error)
         parts = train.train_test_split(test_size=fraction, seed=seed)
+    _check_every_class_keeps_training_images(train, parts["train"], label_col, fraction)
     return parts["train"], parts["test"]
+
+
+def _check_every_class_keeps_training_images(before, after, label_col, fraction) -> None:
+    """A class whose every image went to the carved-out validation split would be validated but never trained on.
+    With one image per class (1-shot folders) some class always loses its image; where stratifying failed, a small
+    class may by chance."""
+    names = label_names(before.features, label_col)
+    count_before, count_after = (
+        np.bincount(split.with_format("numpy")[label_col][:], minlength=len(names)) for split in (before, after)
+    )
+    lost = {names[i]: count_before[i] for i in np.flatnonzero((count_before > 0) & (count_after == 0))}
+    if lost:
+        raise ValueError(
+            f"There is no validation split, so {fraction:g} of the training images were set aside for validation "
+            f"(--train_val_split), which left no training images of {_describe_classes(lost)}. Give a validation split "
+            "(--validation_dir, or a dataset that has one), or add images to these classes."
+        )
 
 
 def _take_at_most(dataset: datasets.Dataset, count: int | None, seed: int) -> datasets.Dataset:
@@ -530,10 +654,14 @@ def count_skipped_rows(skipped_log) -> int:
 
 
 class SkippedImagesCallback(TrainerCallback):
-    """Adds `skipped_images` (rows skipped so far) to the training logs, when any were."""
+    """Adds `skipped_images` (rows skipped so far) to the training logs, when any were, and so to the reporting
+    integrations (TensorBoard, W&B, ...) and `trainer_state.json`."""
 
     def __init__(self, skipped_log):
         self.skipped_log = skipped_log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        run_before_reporting_callbacks(self)  # added after them, its on_log would come too late for them
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and (skipped := count_skipped_rows(self.skipped_log)):

@@ -1,6 +1,9 @@
 import io
+import json
+import logging
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import datasets
@@ -10,11 +13,14 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
+from hf_rifle.recipe import main
 from hf_rifle.recipe.data import (
     DataArguments,
     apply_transforms,
+    check_class_folders,
     class_balanced_subset,
     collate_fn,
+    count_class_images,
     detect_columns,
     encode_labels,
     label_names,
@@ -23,7 +29,8 @@ from hf_rifle.recipe.data import (
 from hf_rifle.recipe.demo import digits_demo_splits, load_demo_splits
 from hf_rifle.recipe.images import PrepareImage, normalize_pixels
 
-from ..helpers import CLASSES, write_image_folders
+from ..helpers import CLASSES, recipe_flags, save_timm_hub_folder, write_image_folders
+from .test_reliability import parquet_dataset_with_a_broken_image
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -139,6 +146,88 @@ def test_an_image_that_breaks_later_is_named_when_read(tmp_path, folders):
     with pytest.raises(OSError, match=f"of the train split: Cannot read image {re.escape(str(broken))}: "):
         for index in range(len(transformed["train"])):
             transformed["train"][index]
+
+
+# Local folder layouts that imagefolder would get wrong without a word
+
+
+def only_cats(folders):
+    shutil.rmtree(folders["train"] / "dog")
+
+
+def dog_folder_emptied(folders):
+    for image in (folders["train"] / "dog").iterdir():
+        image.unlink()
+
+
+def emu_only_in_validation(folders):
+    (folders["validation"] / "dog").rename(folders["validation"] / "emu")
+
+
+def images_outside_class_folders(folders):
+    (folders["train"] / "cat" / "0.png").rename(folders["train"] / "0.png")
+
+
+def no_images_at_all(folders):
+    for folder in folders["train"].iterdir():
+        shutil.rmtree(folder)
+
+
+REFUSED_LAYOUTS = [
+    (only_cats, r"--train_dir .*train holds images of only one class, 'cat' \(6 images\); .*at least two"),
+    (dog_folder_emptied, r"--train_dir .*train: the class folder\(s\) 'dog' hold no images .*silently be left out"),
+    (emu_only_in_validation, r"--validation_dir .*validation has classes that --train_dir .*train lacks: 'emu' \(2"),
+    (images_outside_class_folders, r"--train_dir .*train holds 1 image directly, outside any class folder"),
+    (no_images_at_all, r"--train_dir .*train holds no images \(files named \*.jpg, \*.png"),
+]
+LAYOUT_IDS = ["one-class", "empty-class-folder", "class-only-in-validation", "loose-image", "no-images"]
+
+
+@pytest.mark.parametrize("change_layout, message", REFUSED_LAYOUTS, ids=LAYOUT_IDS)
+def test_folders_imagefolder_would_get_wrong_are_refused_naming_folder_and_classes(folders, change_layout, message):
+    change_layout(folders)
+    with pytest.raises(ValueError, match=message):
+        check_class_folders({split: str(folder) for split, folder in folders.items()})
+
+
+def test_class_images_are_counted_as_imagefolder_labels_them_skipping_hidden_folders(folders):
+    checkpoints = folders["train"] / "dog" / ".ipynb_checkpoints"  # datasets skips it: no class, not counted
+    checkpoints.mkdir()
+    shutil.copy(folders["train"] / "dog" / "0.png", checkpoints)
+    (folders["train"] / "cat" / "notes.txt").write_text("not an image")
+    (folders["train"] / "__pycache__").mkdir()
+    assert count_class_images(str(folders["train"]), "--train_dir") == {"cat": 6, "dog": 6}
+
+
+def test_a_training_class_missing_from_validation_is_warned_about_and_keeps_its_label_id(tmp_path, folders, caplog):
+    shutil.rmtree(folders["validation"] / "cat")
+    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+        splits = load_folders(tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]))
+    assert re.search(r"--validation_dir .*validation has no images of the training classes 'cat'", caplog.text)
+    assert label_names(splits["validation"].features, "label") == ["cat", "dog"]
+    assert splits["validation"]["label"][:] == [1, 1]  # dog's id in training, not 0
+
+
+def test_folders_at_different_depths_keep_their_labels(tmp_path):
+    # imagefolder's default drops every label when the splits' images lie at different depths
+    train = write_image_folders(tmp_path / "a", sizes={"train": 2})["train"]
+    validation = write_image_folders(tmp_path / "b" / "c" / "d", sizes={"validation": 1})["validation"]
+    splits = load_folders(tmp_path, train_dir=str(train), validation_dir=str(validation))
+    assert splits["validation"]["label"][:] == [0, 1]
+
+
+def test_one_image_per_class_trains_with_a_validation_folder_and_samples_per_class_1(tmp_path):
+    folders = write_image_folders(tmp_path / "images", sizes={"train": 1, "validation": 1})
+    splits = load_folders(
+        tmp_path, train_dir=str(folders["train"]), validation_dir=str(folders["validation"]), samples_per_class=1
+    )
+    assert class_counts(splits["train"]).tolist() == [1, 1]
+
+
+def test_one_image_per_class_without_a_validation_folder_names_the_class_the_carve_would_take(tmp_path):
+    folders = write_image_folders(tmp_path / "images", sizes={"train": 1})
+    with pytest.raises(ValueError, match=r"left no training images of '(cat|dog)' \(1 image\)\. .*--validation_dir"):
+        load_folders(tmp_path, train_dir=str(folders["train"]))
 
 
 # Column detection
@@ -348,3 +437,54 @@ def test_demo_arguments_load_through_load_demo_splits():
     splits = load_demo_splits(DataArguments(demo=True, samples_per_class=3, max_eval_samples=7), seed=0)
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (30, 7, 7)
     assert detect_columns(splits["train"].features) == ("image", "label")
+
+
+# Through the recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_timm_hub_folder(tmp_path_factory.mktemp("model"))
+
+
+def folder_flags(output_dir, folders, model, *extra):
+    return recipe_flags(
+        output_dir,
+        "--model_name_or_path",
+        str(model),
+        "--train_dir",
+        str(folders["train"]),
+        "--validation_dir",
+        str(folders["validation"]),
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("change_layout, message", REFUSED_LAYOUTS, ids=LAYOUT_IDS)
+def test_the_recipe_refuses_such_folders_before_writing_anything(tmp_path, folders, tiny_model, change_layout, message):
+    change_layout(folders)
+    output_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        main(folder_flags(output_dir, folders, tiny_model))
+    assert not output_dir.exists()
+
+
+def test_the_recipe_trains_on_one_image_per_class(tmp_path, tiny_model):
+    folders = write_image_folders(tmp_path / "images", sizes={"train": 1, "validation": 1})
+    metrics = main(folder_flags(tmp_path / "run", folders, tiny_model, "--num_periods", "1"))
+    assert 0 <= metrics["eval_accuracy"] <= 1
+
+
+def test_skipped_images_reach_tensorboard(tmp_path, tiny_model):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dataset, _ = parquet_dataset_with_a_broken_image(tmp_path / "dataset")
+    output_dir = tmp_path / "run"
+    argv = recipe_flags(output_dir, "--model_name_or_path", str(tiny_model), "--dataset_name", str(dataset))
+    main([*argv, "--skip_unreadable_images", "--logging_steps", "1", "--report_to", "tensorboard"])
+    events = EventAccumulator(str(next(output_dir.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    logged = [(entry["step"], entry["skipped_images"]) for entry in history if "skipped_images" in entry]
+    assert logged and logged[-1][1] == 1
+    assert [(event.step, event.value) for event in events.Scalars("train/skipped_images")] == logged
