@@ -22,7 +22,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from packaging.version import Version
 from transformers import TrainerCallback
 
-from ..callback import run_before_reporting_callbacks, add_to_training_log_
+from ..callback import add_to_training_log_, run_before_reporting_callbacks
 from .images import CachedImages, PrepareImage, RandomCropAndFlip, cached_images
 
 logger = logging.getLogger(__name__)
