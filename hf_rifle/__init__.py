@@ -10,15 +10,19 @@ from .callback import RifleTrainerCallback
 from .config import RifleConfig
 from .functional import HeadReinit, reinit_head_at_period_start_
 from .heads import clear_optimizer_state_, find_head, head_seed, reinit_head_
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
 from .regularizers import add_l2sp_gradient_, l2sp_penalty, split_backbone_and_head
 from .schedule import cyclic_cosine_factor, period_starts, position_in_period, reinit_steps
 from .trainer import RifleTrainer
 
 __all__ = [
+    "PREEMPTED_EXIT_CODE",
     "HeadReinit",
+    "PreemptionCallback",
     "RifleConfig",
     "RifleTrainer",
     "RifleTrainerCallback",
+    "TrainingPreempted",
     "add_l2sp_gradient_",
     "clear_optimizer_state_",
     "cyclic_cosine_factor",
