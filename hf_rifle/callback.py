@@ -138,6 +138,7 @@ class RifleTrainerCallback(TrainerCallback):
         self._head_params = []  # found at train begin
         self._rescale_head = False
         self._head_updates = []
+        self.settings_warnings: list[str] = []  # raised at train begin
 
     @property
     def method(self) -> str:
@@ -251,16 +252,22 @@ class RifleTrainerCallback(TrainerCallback):
         return head_learning_rate(groups[0], state.global_step, state.max_steps, self.num_periods, args.learning_rate)
 
     def _warn_about_settings(self, args, state, model, optimizer) -> None:
-        """Settings that silently undo RIFLE, each warned about once, at train begin, with the numbers behind it."""
-        if not state.is_world_process_zero:
-            return
+        """Settings that silently undo RIFLE, each warned about once, at train begin, with the numbers behind it;
+        kept in `settings_warnings` too, for the model card and the run's summary."""
+        self.settings_warnings = self._settings_warnings(args, state, model, optimizer)
+        if state.is_world_process_zero:
+            for warning in self.settings_warnings:
+                logger.warning(warning)
+
+    def _settings_warnings(self, args, state, model, optimizer) -> list[str]:
+        warnings = []
         if args.max_grad_norm and args.max_grad_norm > 0:
-            logger.warning(CLIPPING_WARNING.format(norm=args.max_grad_norm))
+            warnings.append(CLIPPING_WARNING.format(norm=args.max_grad_norm))
         if self.regularizer == "l2" and not args.weight_decay:
-            logger.warning(NO_WEIGHT_DECAY_WARNING)
+            warnings.append(NO_WEIGHT_DECAY_WARNING)
         epochs_per_period = state.num_train_epochs / self.num_periods
         if self.reinit_head and self.num_periods > 1 and epochs_per_period < MIN_EPOCHS_PER_PERIOD:
-            logger.warning(
+            warnings.append(
                 SHORT_PERIOD_WARNING.format(
                     epochs=epochs_per_period, num_train_epochs=state.num_train_epochs, num_periods=self.num_periods
                 )
@@ -271,9 +278,10 @@ class RifleTrainerCallback(TrainerCallback):
             and _loss_ignores_items_in_batch(model)
             and not _has_head_groups(optimizer)
         ):
-            logger.warning(
+            warnings.append(
                 ACCUMULATION_WARNING.format(steps=args.gradient_accumulation_steps, model=type(model).__name__)
             )
+        return warnings
 
 
 def add_to_training_log_(state, logs: dict, values: dict) -> None:

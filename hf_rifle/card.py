@@ -107,9 +107,11 @@ def render_model_card(
     extra_settings: list[tuple[str, str]] | None = None,
     trained_steps: int | None = None,
     stopped_early: str | None = None,
+    warnings: list[str] = (),
 ) -> ModelCard:
     """A model card with `model-index` metadata that `huggingface_hub.ModelCard` parses back. A run that stopped
-    before `max_steps` says so, with `trained_steps` and the reason `stopped_early`, above its results."""
+    before `max_steps` says so, with `trained_steps` and the reason `stopped_early`, above its results; the
+    `warnings` raised about its settings follow the settings, so a reader of the model on the Hub sees them too."""
     metrics = final_metrics(log_history)
     eval_results = [
         EvalResult(
@@ -154,6 +156,7 @@ def render_model_card(
         max_steps=max_steps,
         trained_steps=max_steps if trained_steps is None else trained_steps,
         stopped_early=stopped_early,
+        warnings=list(warnings),
         repo_id=repo_id,
         timm_architecture=timm_architecture,
     )

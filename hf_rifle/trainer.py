@@ -224,5 +224,6 @@ class RifleTrainer(Trainer):
             extra_settings=extra_settings,
             trained_steps=self.state.global_step,
             stopped_early=self.stopped_early(),
+            warnings=self.rifle.settings_warnings,
         )
         card.save(os.path.join(output_dir, "README.md"))

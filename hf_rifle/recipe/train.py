@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -115,7 +116,7 @@ DEMO_DEFAULTS = {
     "samples_per_class": 20,
     "resize_size": 64,
     "crop_size": 56,
-    "num_train_epochs": 12,
+    "num_train_epochs": 24,  # with K=3, periods of 8 epochs: RIFLE's K x length grid ties plain fine-tuning from 8
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
     "num_periods": 3,
@@ -485,7 +486,7 @@ def train_evaluate_save(
             preemption.exit_if_signaled(args, trainer.state, checkpoint=None)
         trainer.push_to_hub(commit_message=f"{args.method} fine-tuning with hf_rifle", **card_kwargs)
     if trainer.is_world_process_zero():
-        print(summary(metrics, args, trainer.state.global_step, trainer.state.max_steps, trainer.stopped_early()))
+        print(summary(metrics, trainer))
     return metrics
 
 
@@ -501,15 +502,16 @@ def cli() -> None:
     main()
 
 
-def summary(
-    metrics: dict[str, float], args: RifleConfig, trained_steps: int, max_steps: int, stopped_early: str | None = None
-) -> str:
-    """What a user wants at the end of a run: how far it trained, the accuracies and where the outputs are."""
+def summary(metrics: dict[str, float], trainer) -> str:
+    """The last thing a run prints, the part a person reads first: how far it trained, the accuracies, where the
+    outputs are, and the warnings about its settings, which by then have scrolled away above the progress bars."""
+    args, state = trainer.args, trainer.state
     run = f"{args.method} ({args.regularizer.upper()}) fine-tuning"
+    stopped_early = trainer.stopped_early()
     lines = [
-        f"{run} stopped early, after optimizer step {trained_steps} of {max_steps} ({stopped_early})."
+        f"{run} stopped early, after optimizer step {state.global_step} of {state.max_steps} ({stopped_early})."
         if stopped_early
-        else f"{run} finished ({max_steps} optimizer steps)."
+        else f"{run} finished ({state.max_steps} optimizer steps)."
     ]
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if f"{prefix}_accuracy" in metrics:
@@ -520,4 +522,7 @@ def summary(
             )
     output_dir = Path(args.output_dir).resolve()
     lines += [f"  model and model card: {output_dir / 'README.md'}", f"  learning curve: {output_dir / PLOT_FILE}"]
+    if warnings := trainer.rifle.settings_warnings:
+        lines.append("  warnings about this run's settings (also in the model card):")
+        lines += [textwrap.fill(w, width=116, initial_indent="  - ", subsequent_indent="    ") for w in warnings]
     return "\n".join(lines)

@@ -230,11 +230,20 @@ def test_a_run_stopped_before_its_schedule_says_so_in_card_and_summary(
     assert f"fine-tuning stopped early, after optimizer step {step} of 18 ({reason})." in capsys.readouterr().out
 
 
-def run_worker(argv: list[str]) -> subprocess.Popen:
+def run_worker(argv: list[str], processes: int = 1) -> subprocess.Popen:
+    """The recipe in a subprocess, as a job runs it: plain python, or torchrun with `processes` (gloo on CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return subprocess.Popen(
-        [sys.executable, str(WORKER), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*launcher, str(WORKER), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def finish(process: subprocess.Popen) -> str:
+    """Wait for `process`; its standard error."""
+    return process.communicate(timeout=600)[1]
 
 
 def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, rank: int = 0) -> list[tuple[int, int]]:
@@ -264,20 +273,20 @@ def test_real_signals_at_random_steps_then_the_same_command_ends_with_the_uninte
 ):
     argv = flags(tmp_path / "split", data_and_model)
     reference = run_worker(flags(tmp_path / "full", data_and_model))
-    _, errors = reference.communicate(timeout=600)
+    errors = finish(reference)
     assert reference.returncode == 0, errors[-3000:]
     reinits = []
     for number, at in zip((signal.SIGTERM, signal.SIGUSR1), sorted(random.Random(19).sample(range(1, 17), 2))):
         worker = run_worker(argv)
         wait_for_step(tmp_path / "split", at, worker)
         worker.send_signal(number)
-        _, errors = worker.communicate(timeout=600)
+        errors = finish(worker)
         assert worker.returncode == PREEMPTED_EXIT_CODE, errors[-3000:]
         assert f"Preempted ({number.name} received by this process" in errors
         assert_nothing_finalized(tmp_path / "split")
         reinits += reinit_log_steps(errors)
     finished = run_worker(argv)
-    _, errors = finished.communicate(timeout=600)
+    errors = finish(finished)
     assert finished.returncode == 0, errors[-3000:]
     assert reinits + reinit_log_steps(errors) == [6, 12]  # none repeated, none missed
     assert_same_weights(tmp_path / "full", tmp_path / "split")

@@ -14,6 +14,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 from transformers import AutoModelForImageClassification, ConvNextImageProcessor, pipeline
 
+from hf_rifle.callback import MIN_EPOCHS_PER_PERIOD
 from hf_rifle.recipe import main
 from hf_rifle.recipe.train import hardware_defaults, parse_args
 
@@ -158,6 +159,11 @@ def test_demo_code_path_on_a_reduced_size(tmp_path, capsys):
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "test_top5_accuracy" in metrics
     printed = capsys.readouterr().out
     assert "test accuracy: top-1" in printed and str(tmp_path / "README.md") in printed
+    # One epoch in 2 periods: the short-period warning ends the console summary and is in the card.
+    summary = printed[printed.index("fine-tuning finished") :]
+    assert "warnings about this run's settings (also in the model card):\n  - RIFLE periods of 0.5 epochs" in summary
+    card = (tmp_path / "README.md").read_text()
+    assert "Warnings raised about this run's settings:\n\n- RIFLE periods of 0.5 epochs (1 epochs / K=2)" in card
     assert json.loads((tmp_path / "config.json").read_text())["architecture"] == "tf_efficientnet_lite0"
 
 
@@ -280,7 +286,9 @@ def test_a_yaml_config_file_gets_the_recipe_defaults(image_folders, timm_hub_fol
     )
     assert not data_args.demo and data_args.train_dir == settings["train_dir"]
     demo = parse_args(["--output_dir", str(tmp_path / "demo")])
-    assert demo.data.demo and demo.data.samples_per_class == 20 and demo.training.num_train_epochs == 12
+    assert demo.data.demo and demo.data.samples_per_class == 20 and demo.training.num_train_epochs == 24
+    # A newcomer's first run is one the project recommends: periods long enough that no warning fires.
+    assert demo.training.num_train_epochs / demo.training.num_periods >= MIN_EPOCHS_PER_PERIOD
     assert demo.extensions == {}
 
 
