@@ -7,6 +7,7 @@ from tests.benchmarks import load_script
 from ..helpers import recipe_flags, save_timm_hub_folder, write_image_folders
 
 
+@pytest.mark.slow
 def test_agreement_is_timed_with_preemption_handling_off_and_on(tmp_path):
     preemption = load_script("preemption")
     argv = ["agreement", "--output", str(tmp_path / "agreement.json"), "--model", "test_resnet", "--image-size", "32"]
@@ -18,6 +19,7 @@ def test_agreement_is_timed_with_preemption_handling_off_and_on(tmp_path):
     assert (tmp_path / "agreement.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_exit_time_is_measured_from_the_signal_to_a_preempted_exit(tmp_path):
     preemption = load_script("preemption")

@@ -51,6 +51,8 @@ def test_two_processes_keep_the_head_and_model_identical_on_both_ranks(tmp_path)
     assert "terminate called" not in finished.stderr  # gloo's abort at exit, seen after otherwise good runs
 
     ranks = [json.loads((output_dir / f"fingerprints-rank{rank}.json").read_text()) for rank in (0, 1)]
+    # 24 images, batch 4 on each of 2 ranks, 3 epochs: 9 steps when data-parallel (18 if each rank trained alone).
+    assert ranks[0]["max_steps"] == 9
     steps = reinit_steps(ranks[0]["max_steps"], 3)
     assert len(steps) == 2 and all(str(step) in ranks[0]["heads"] for step in steps)
     assert ranks[0]["heads"] == ranks[1]["heads"]
