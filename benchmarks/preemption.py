@@ -3,8 +3,9 @@
 `agreement` (under `torchrun --nproc_per_node N`, or alone): every optimizer step, all ranks agree on whether any
 received a signal, one all-reduce of a one-element tensor. It trains the same model on the same data with
 preemption handling off and on, alternating in rounds (order rotating, a warm-up round left out, as
-benchmarks/overhead.py does) in the same processes, and reports the ratio of median step times; it also times the
-agreement alone and reports (step + agreement) / step, which is not swamped by the rounds' noise.
+benchmarks/overhead.py does) in the same processes, and reports the median over rounds of each round's ratio of
+median step times. It also times the agreement alone and reports (step + agreement) / step, which the noise
+between rounds does not swamp.
 
     torchrun --standalone --nproc_per_node 2 benchmarks/preemption.py agreement --output results/x.json
 
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import timm
@@ -81,50 +83,65 @@ def train_round(variant: str, settings, output_dir: str) -> list[float]:
 
 
 def agreement(settings) -> dict:
-    steps = {variant: [] for variant in VARIANTS}
+    round_medians = {variant: [] for variant in VARIANTS}
     with tempfile.TemporaryDirectory() as output_dir:
         for round_index in range(settings.rounds + 1):
             order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
             for variant in order:
                 seconds = train_round(variant, settings, output_dir)
                 if round_index > 0:  # the first round warms up
-                    steps[variant] += seconds
+                    round_medians[variant].append(statistics.median(seconds))
     agree = []
     for _ in range(settings.agreement_repeats):
         started = time.perf_counter()
         any_rank(False, "cpu")
         agree.append(time.perf_counter() - started)
-    median = {variant: statistics.median(seconds) for variant, seconds in steps.items()}
+    ratios = [on / off for on, off in zip(round_medians["on"], round_medians["off"])]
+    step = statistics.median(round_medians["off"])
     return {
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
         "model": settings.model,
         "image_size": settings.image_size,
         "batch_size": settings.batch_size,
         "rounds": settings.rounds,
-        "steps_timed_per_variant": {variant: len(seconds) for variant, seconds in steps.items()},
-        "median_step_seconds": median,
-        "ratio_on_to_off": median["on"] / median["off"],
+        "steps_per_round": settings.steps,
+        "round_median_step_seconds": round_medians,
+        "round_ratios_on_to_off": ratios,
+        "ratio_on_to_off": statistics.median(ratios),
         "agreement_median_seconds": statistics.median(agree),
-        "ratio_step_plus_agreement_to_step": 1 + statistics.median(agree) / median["off"],
+        "ratio_step_plus_agreement_to_step": 1 + statistics.median(agree) / step,
     }
 
 
 def exit_time(recipe_argv: list[str], signal_after_steps: int) -> dict:
     """Start `hf-rifle-train recipe_argv`, send SIGTERM once `signal_after_steps` steps are logged, and time the
-    signal to the exit."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    signal to the "Preempted" line (the step finished and its checkpoint written) and to the exit; the steps
+    logged before the signal give the time of one step."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, str(TRAIN_SCRIPT), *recipe_argv, "--logging_steps", "1", "--disable_tqdm", "True"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    logged = 0
-    for line in process.stdout:
-        logged += line.startswith("{'loss'")
-        if logged == signal_after_steps:
-            break
-    sent = time.perf_counter()
-    process.send_signal(signal.SIGTERM)
-    process.stdout.read()
-    status = process.wait()
-    return {"seconds": time.perf_counter() - sent, "exit_status": status, "signal_after_steps": signal_after_steps}
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        logged = []
+        for line in process.stdout:
+            if line.startswith("{'loss'"):
+                logged.append(time.time())
+                if len(logged) == signal_after_steps:
+                    break
+        sent = time.time()
+        process.send_signal(signal.SIGTERM)
+        process.stdout.read()
+        status = process.wait()
+        exited = time.time()
+        errors.seek(0)
+        preempted = [line for line in errors if "Preempted (" in line]
+    checkpoint_written = datetime.strptime(preempted[0][:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() if preempted else None
+    return {
+        "exit_status": status,
+        "signal_after_steps": signal_after_steps,
+        "step_seconds": statistics.median(later - earlier for earlier, later in zip(logged, logged[1:])),
+        "seconds_to_checkpoint_written": checkpoint_written - sent if checkpoint_written else None,
+        "seconds_to_exit": exited - sent,
+    }
 
 
 def exit_times(settings) -> dict:
@@ -151,8 +168,14 @@ def exit_times(settings) -> dict:
                 for after in settings.signal_after_steps
             ]
             assert all(run["exit_status"] == PREEMPTED_EXIT_CODE for run in runs), runs
-            seconds = [run["seconds"] for run in runs]
-            results[name] = {"runs": runs, "median_seconds": statistics.median(seconds), "max_seconds": max(seconds)}
+            results[name] = {
+                "runs": runs,
+                **{
+                    f"{statistic}_{key}": function(run[key] for run in runs)
+                    for key in ("step_seconds", "seconds_to_checkpoint_written", "seconds_to_exit")
+                    for statistic, function in (("median", statistics.median), ("max", max))
+                },
+            }
     return results
 
 
@@ -167,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=3, help="first steps of each run left out")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--agreement-repeats", type=int, default=2000)
-    parser.add_argument("--signal-after-steps", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--signal-after-steps", type=int, nargs="+", default=[3, 4, 5])
     return parser.parse_args(argv)
 
 

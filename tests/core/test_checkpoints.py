@@ -79,3 +79,24 @@ def test_a_named_incomplete_checkpoint_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-3 is incomplete: model.safetensors has \d+ bytes"):
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert again.state.global_step == 0
+
+
+def test_a_second_save_of_the_same_step_replaces_the_first_without_a_moment_with_neither(tmp_path, monkeypatch):
+    import shutil
+
+    import hf_rifle.trainer
+
+    _, run = trainer(tmp_path, max_steps=3)
+    run.train()
+    (tmp_path / "checkpoint-3" / "earlier-save.txt").write_text("the first save of step 3")
+    complete_after_each_removal, rmtree = [], shutil.rmtree
+
+    def remove_and_look(path, *args, **kwargs):
+        rmtree(path, *args, **kwargs)
+        complete_after_each_removal.append(checkpoint_problems(tmp_path / "checkpoint-3") == [])
+
+    monkeypatch.setattr(hf_rifle.trainer.shutil, "rmtree", remove_and_look)
+    run._save_checkpoint(run.model, trial=None)
+    assert complete_after_each_removal and all(complete_after_each_removal)
+    assert not (tmp_path / "checkpoint-3" / "earlier-save.txt").exists()  # replaced by the second save
+    assert not (tmp_path / STAGING_DIR).exists()
