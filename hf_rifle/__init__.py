@@ -6,6 +6,7 @@ when, inside `transformers.Trainer`. This top level needs torch and transformers
 (`hf_rifle.recipe`) and the paper-reproduction kit (`hf_rifle.paper`) build on it and are never imported here.
 """
 
+from .attach import RifleHandle, attach
 from .callback import RifleTrainerCallback
 from .config import RifleConfig
 from .functional import HeadReinit, reinit_head_at_period_start_
@@ -21,9 +22,11 @@ __all__ = [
     "PreemptionCallback",
     "RifleConfig",
     "RifleTrainer",
+    "RifleHandle",
     "RifleTrainerCallback",
     "TrainingPreempted",
     "add_l2sp_gradient_",
+    "attach",
     "clear_optimizer_state_",
     "cyclic_cosine_factor",
     "find_head",

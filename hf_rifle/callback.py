@@ -28,7 +28,7 @@ from .optim import (
 )
 from .preemption import JIT_CHECKPOINT_REFUSED
 from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
-from .schedule import RunShape, check_resumed_shape, period_starts, position_in_period
+from .schedule import RunShape, check_resumed_shape, period_starts, position_in_period, short_period_warning
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +36,11 @@ SHARDED_TRAINING_REFUSED = (
     "RIFLE supports single-device and DDP (data-parallel) training. FSDP and DeepSpeed shard the head across "
     "ranks, which in-place re-initialization and L2-SP do not handle: launch with DDP."
 )
-# docs/benchmarks.md, "When does RIFLE help": over K in {2, 3, 5} x {12, 24, 40} epochs, every cell with periods
-# under 5 epochs lost to plain fine-tuning (-2.9 to -31 points), 6 epochs lost 2.1, 8 and more tied; below this many
-# epochs per period the fresh head may not fit again before the next re-init.
-MIN_EPOCHS_PER_PERIOD = 8
 CLIPPING_WARNING = (
     "RIFLE with gradient clipping (max_grad_norm={norm}): clipping damps the large gradients a re-drawn head sends "
     "into the backbone, which is how RIFLE works. Measured with EfficientNet-Lite0 on 20-shot digits (12 epochs, "
     "K=3, seed 1), clipping at 1.0 cut test accuracy from 87.8% to 18.7% for plain fine-tuning and from 64.0% to "
     "10.9% with head re-initialization. Set max_grad_norm=0 (the paper does not clip) unless you mean it."
-)
-SHORT_PERIOD_WARNING = (
-    "RIFLE periods of {epochs:.1f} epochs ({num_train_epochs:g} epochs / K={num_periods}): the re-drawn head may not "
-    "fit again before the next re-initialization. On few-shot digits (K in 2, 3, 5 x 12, 24, 40 epochs, 10 seeds), "
-    "periods under 5 epochs left RIFLE 3 to 31 points behind plain fine-tuning, 6 epochs 2 points, and periods of 8 "
-    "or more tied (docs/benchmarks.md, 'When does RIFLE help'). Train longer or lower num_periods (at least "
-    f"{MIN_EPOCHS_PER_PERIOD} epochs per period)."
 )
 NO_WEIGHT_DECAY_WARNING = (
     f"regularizer='l2' with weight_decay=0: nothing regularizes this run. The paper's L2 is weight decay "
@@ -265,13 +254,8 @@ class RifleTrainerCallback(TrainerCallback):
             warnings.append(CLIPPING_WARNING.format(norm=args.max_grad_norm))
         if self.regularizer == "l2" and not args.weight_decay:
             warnings.append(NO_WEIGHT_DECAY_WARNING)
-        epochs_per_period = state.num_train_epochs / self.num_periods
-        if self.reinit_head and self.num_periods > 1 and epochs_per_period < MIN_EPOCHS_PER_PERIOD:
-            warnings.append(
-                SHORT_PERIOD_WARNING.format(
-                    epochs=epochs_per_period, num_train_epochs=state.num_train_epochs, num_periods=self.num_periods
-                )
-            )
+        if short := short_period_warning(state.num_train_epochs, self.num_periods, self.reinit_head):
+            warnings.append(short)
         # RifleTrainer (recognized by its head groups) divides by the accumulation steps itself.
         if (
             args.gradient_accumulation_steps > 1

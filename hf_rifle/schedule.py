@@ -9,6 +9,18 @@ import math
 from bisect import bisect_right
 from dataclasses import dataclass
 
+# docs/benchmarks.md, "When does RIFLE help": over K in {2, 3, 5} x {12, 24, 40} epochs, every cell with periods
+# under 5 epochs lost to plain fine-tuning (-2.9 to -31 points), 6 epochs lost 2.1, 8 and more tied; below this many
+# epochs per period the fresh head may not fit again before the next re-init.
+MIN_EPOCHS_PER_PERIOD = 8
+SHORT_PERIOD_WARNING = (
+    "RIFLE periods of {epochs:.1f} epochs ({num_train_epochs:g} epochs / K={num_periods}): the re-drawn head may not "
+    "fit again before the next re-initialization. On few-shot digits (K in 2, 3, 5 x 12, 24, 40 epochs, 10 seeds), "
+    "periods under 5 epochs left RIFLE 3 to 31 points behind plain fine-tuning, 6 epochs 2 points, and periods of 8 "
+    "or more tied (docs/benchmarks.md, 'When does RIFLE help'). Train longer or lower num_periods (at least "
+    f"{MIN_EPOCHS_PER_PERIOD} epochs per period)."
+)
+
 
 def period_starts(max_steps: int, num_periods: int) -> list[int]:
     """Optimizer step at which each period begins: floor(k * T / K) for k = 0..K-1.
@@ -123,3 +135,11 @@ def check_resumed_shape(saved: RunShape, resumed: RunShape, num_periods: int) ->
         f"add or skip re-initializations. Keep {samples} samples per optimizer step (with {processes} "
         f"process{'es' if processes > 1 else ''}: {fix}), or start over in a new output_dir."
     )
+
+
+def short_period_warning(num_train_epochs: float, num_periods: int, reinit_head: bool = True) -> str | None:
+    """The warning for periods too short for a re-drawn head to fit again, or None."""
+    epochs = num_train_epochs / num_periods
+    if not reinit_head or num_periods == 1 or epochs >= MIN_EPOCHS_PER_PERIOD:
+        return None
+    return SHORT_PERIOD_WARNING.format(epochs=epochs, num_train_epochs=num_train_epochs, num_periods=num_periods)

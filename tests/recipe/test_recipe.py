@@ -14,9 +14,9 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 from transformers import AutoModelForImageClassification, ConvNextImageProcessor, pipeline
 
-from hf_rifle.callback import MIN_EPOCHS_PER_PERIOD
 from hf_rifle.recipe import main
 from hf_rifle.recipe.train import hardware_defaults, parse_args
+from hf_rifle.schedule import MIN_EPOCHS_PER_PERIOD
 
 from ..helpers import CLASSES, native_resnet, recipe_flags, save_timm_hub_folder, write_image_folders
 

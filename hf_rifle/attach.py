@@ -1,0 +1,350 @@
+"""`attach`: the full RIFLE method on any PyTorch training loop, through PyTorch's own hooks.
+
+Everything RIFLE does happens around `optimizer.step()`, so it is one hooked object, as `torch.optim.swa_utils` and
+profilers attach to loops they do not own. The hooks sit on the base optimizer (inside accelerate's
+`AcceleratedOptimizer`), so they fire once per real update under `GradScaler.step`, gradient accumulation, DDP and
+timm's `NativeScaler`:
+
+- before each update: L2-SP's exact gradient is added (to unscaled gradients: GradScaler unscales them before the
+  step, and a fused optimizer's are unscaled around the addition), and the head's parameters are recorded when it
+  shares a param group with the backbone;
+- after it: the head's update is rescaled to its cyclic learning rate, and the step counter advances;
+- at the first forward in training mode of a step that starts a period: the head is re-drawn. Not after the last
+  update of a period, since loops evaluate and save checkpoints in between, which must see the trained head.
+
+The step counter travels in the optimizer's param groups, so `optimizer.state_dict()` / `load_state_dict()`, which
+every loop already saves and loads, resume the periods; `handle.state_dict()` is there for loops that prefer it.
+The method's work is done by the core's plain functions; this module only decides when.
+"""
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from .config import check_method_settings
+from .functional import HeadReinit, reinit_head_at_period_start_
+from .heads import find_head
+from .optim import (
+    HEAD_GROUP_KEY,
+    base_optimizer,
+    check_update_scales_with_lr,
+    head_learning_rate,
+    record_head_update_,
+    rescale_head_update_,
+)
+from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
+from .schedule import period_starts, position_in_period, reinit_steps, short_period_warning
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "rifle_attach"  # in every param group: {"step", "max_steps", "num_periods"}, saved with the optimizer
+L2SP_WEIGHT_DECAY_WARNING = (
+    "regularizer='l2sp' with an optimizer whose weight_decay is {weight_decay}: L2-SP pulls the backbone towards its "
+    "pretrained weights and weight decay pulls it towards 0, so the run is regularized twice. Build the optimizer "
+    "with weight_decay=0 (AdamW's default is 0.01), or use regularizer='l2'."
+)
+
+
+class RifleHandle:
+    """What `attach` returns: RIFLE hooked into a model and its optimizer, with what a loop logs and saves.
+
+    `step` (optimizer updates done, the index of the next one), `period` (1..K), `head_learning_rate` (the head's
+    learning rate for the next update) and `l2sp_loss` (L2-SP's term, None with L2) are for the loop's logs;
+    `state_dict()` / `load_state_dict()` for loops that save RIFLE's state apart from the optimizer's;
+    `detach()` (or leaving a `with` block) removes every hook.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        max_steps: int,
+        num_periods: int,
+        head_params: list[nn.Parameter],
+        reinit,
+        rescale_head: bool,
+        l2sp: tuple | None,
+        reinit_on_forward: bool,
+    ):
+        self.max_steps = max_steps
+        self.num_periods = num_periods
+        self.settings_warnings: list[str] = []  # logged by `attach`, kept for a card or a summary
+        self._optimizer = optimizer
+        self._head_params = head_params
+        self._head_ids = {id(p) for p in head_params}
+        self._reinit = reinit  # reinit_head_at_period_start_ with everything but the step bound, or None
+        self._rescale_head = rescale_head
+        head_group = self._head_group()
+        self._peak_lr = head_group.get("initial_lr", head_group["lr"])  # torch's LR schedulers record the peak
+        self._l2sp = l2sp  # (backbone, its pretrained values, head, alpha, beta), or None
+        self._head_updates = []
+        self._step = 0
+        self._begun_step = None  # the last step whose start was handled (re-initialization checked)
+        self._resume_from_optimizer()  # before any hook: a refused state leaves nothing attached
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_update),
+            optimizer.register_step_post_hook(self._after_update),
+            optimizer.register_load_state_dict_post_hook(self._after_load),
+        ]
+        if reinit_on_forward and reinit is not None:
+            # Disabled for torch.compile: a hook reading a step counter would otherwise be traced and recompile.
+            self._hooks.append(model.register_forward_pre_hook(torch.compiler.disable(self._before_forward)))
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def period(self) -> int:
+        return position_in_period(self._step, self.max_steps, self.num_periods)[0] + 1
+
+    @property
+    def head_learning_rate(self) -> float:
+        """The head's learning rate for the next update, as the backbone's is its param group's `lr`."""
+        group = self._head_group()
+        if not self._rescale_head:  # head groups of its own, or head_lr_schedule="trainer"
+            return group["lr"]
+        return head_learning_rate(group, self._step, self.max_steps, self.num_periods, self._peak_lr)
+
+    @property
+    def l2sp_loss(self) -> float | None:
+        if self._l2sp is None:
+            return None
+        with torch.no_grad():
+            return l2sp_penalty(*self._l2sp).item()
+
+    def begin_step(self, step: int) -> HeadReinit | None:
+        """Start optimizer step `step` (from 0): re-draw the head if it starts one of periods 2..K.
+
+        For loops that count their own steps (Trainer's `global_step`, timm's `num_updates`), called before the
+        step's first forward; the forward hook calls it otherwise, and skips a step already begun.
+        """
+        self._set_step(step)
+        self._begun_step = step
+        done = self._reinit(step=step) if self._reinit is not None else None
+        if done and _is_main_process():
+            logger.warning(
+                "RIFLE: re-initialized the head %r at step %d of %d (period %d of %d)",
+                done.head_name,
+                done.step,
+                self.max_steps,
+                done.period,
+                done.num_periods,
+            )
+        return done
+
+    def state_dict(self) -> dict:
+        return {"step": self._step, "max_steps": self.max_steps, "num_periods": self.num_periods}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run from `state_dict()`; refused if it had another max_steps or num_periods."""
+        check_same_run(state, self.max_steps, self.num_periods)
+        self._begun_step = None
+        self._set_step(state["step"])
+
+    def detach(self) -> None:
+        """Remove every hook: from here on the optimizer and the model train as if RIFLE had never been attached."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._head_updates = []
+
+    def __enter__(self) -> "RifleHandle":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.detach()
+
+    def _before_forward(self, module: nn.Module, args) -> None:
+        # The first training forward of each step only: evaluation between steps must see the trained head.
+        if module.training and torch.is_grad_enabled() and self._begun_step != self._step:
+            self.begin_step(self._step)
+
+    def _before_update(self, optimizer, args, kwargs) -> None:
+        if self._l2sp is not None:
+            self._add_l2sp_gradient(optimizer)
+        if self._rescale_head:
+            self._head_updates = record_head_update_(
+                optimizer, self._head_params, self._step, self.max_steps, self.num_periods, self._peak_lr
+            )
+
+    def _after_update(self, optimizer, args, kwargs) -> None:
+        rescale_head_update_(self._head_updates)
+        self._head_updates = []
+        self._set_step(self._step + 1)
+
+    def _after_load(self, optimizer) -> None:
+        self._begun_step = None
+        self._resume_from_optimizer()
+
+    @torch.no_grad()
+    def _add_l2sp_gradient(self, optimizer) -> None:
+        """GradScaler unscales the gradients before the step, except for fused optimizers, whose kernel divides by
+        the `grad_scale` GradScaler sets on them: their gradients are unscaled around the addition (exactly, the
+        scale being a power of 2)."""
+        scale = getattr(optimizer, "grad_scale", None)
+        backbone, _, head, _, _ = self._l2sp
+        grads = [p.grad for p in backbone + head if p.grad is not None] if scale is not None else []
+        if grads:
+            torch._foreach_div_(grads, scale)
+        add_l2sp_gradient_(*self._l2sp)
+        if grads:
+            torch._foreach_mul_(grads, scale)
+
+    def _resume_from_optimizer(self) -> None:
+        """Take the step from the optimizer's param groups where a loaded state put it; else record ours there."""
+        stored = next((group[STATE_KEY] for group in self._optimizer.param_groups if STATE_KEY in group), None)
+        if stored is not None:
+            check_same_run(stored, self.max_steps, self.num_periods)
+            self._step = stored["step"]
+        self._set_step(self._step)
+
+    def _set_step(self, step: int) -> None:
+        self._step = step
+        state = self.state_dict()
+        for group in self._optimizer.param_groups:
+            group[STATE_KEY] = dict(state)  # a new dict: a state dict taken earlier keeps its own
+
+    def _head_group(self) -> dict:
+        return next(g for g in self._optimizer.param_groups if any(id(p) in self._head_ids for p in g["params"]))
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    max_steps: int,
+    *,
+    num_periods: int = 3,
+    reinit_head: bool = True,
+    head_lr_schedule: str = "cyclic_cosine",
+    head_init: str = "default",
+    head_init_std: float = 0.01,
+    reset_head_optimizer_state: bool = True,
+    head_module: str | None = None,
+    regularizer: str = "l2",
+    l2sp_alpha: float = 0.01,
+    l2sp_beta: float = 0.01,
+    seed: int = 0,
+    num_train_epochs: float | None = None,
+    reinit_on_forward: bool = True,
+) -> RifleHandle:
+    """Run the full RIFLE method in any training loop that calls `optimizer.step()`: head re-initialization at
+    the start of periods 2..K, the head's cyclic cosine learning rate and, with `regularizer="l2sp"`, L2-SP.
+
+    The method's arguments are `RifleConfig`'s, with the same names and defaults. `max_steps` is the run's number of
+    optimizer updates (with gradient accumulation: batches / accumulation steps). Where the head shares a param
+    group with the backbone, its update is rescaled to its learning rate, exact for optimizers whose update is
+    proportional to the learning rate (others are refused here); its peak is the group's `initial_lr` (set by
+    torch's LR schedulers), else its learning rate now. Head groups marked `{"rifle_head": True}` keep the curve
+    the loop's scheduler gives them. L2 is the optimizer's own weight decay: RIFLE adds nothing.
+
+    Call it before loading a checkpoint: L2-SP's reference is the backbone as it is now, the pretrained weights.
+    The step counter is saved in the optimizer's state dict, so loading that state (before or after `attach`)
+    continues the periods; a state from a run with another `max_steps` or `num_periods` is refused.
+
+    When a step starts a period, the head is re-drawn at that step's first call of `model` in training mode with
+    gradients enabled, so evaluations and checkpoints between steps see the trained head. A loop that counts its own
+    steps can pass `reinit_on_forward=False` and call `handle.begin_step(step)` before each step instead (also
+    the way to keep the periods on the loop's count when fp16 loss scaling skips updates, which then never reach a
+    non-fused optimizer).
+
+    Gradient clipping cannot be seen from the optimizer: RIFLE is meant to run without it (clipping damps the
+    gradients a re-drawn head sends into the backbone); a loop that clips anyway clips the data gradient only, since
+    L2-SP's is added at the step. `num_train_epochs`, if given, warns about periods too short to fit a new head.
+
+    Example:
+        Given a pretrained classifier `model` (here a tiny transformers text classifier) and 6 `batches`:
+
+        >>> import torch
+        >>> from hf_rifle.attach import attach
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        >>> scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6)
+        >>> rifle = attach(model, optimizer, max_steps=6, num_periods=3, regularizer="l2sp")
+        >>> for batch in batches:  # the head is re-drawn at the first forward of steps 2 and 4
+        ...     model(**batch).loss.backward()
+        ...     optimizer.step()
+        ...     scheduler.step()
+        ...     optimizer.zero_grad()
+        >>> rifle.step, rifle.period, rifle.head_learning_rate  # the cosine of period 3 has reached 0
+        (6, 3, 0.0)
+    """
+    check_method_settings(num_periods, head_lr_schedule, head_init, head_init_std, regularizer, l2sp_alpha, l2sp_beta)
+    period_starts(max_steps, num_periods)  # refuses more periods than steps now, not at a period boundary
+    optimizer = base_optimizer(optimizer)
+    _, head = find_head(model, head_module)
+    head_params = _head_params_in(optimizer, head)
+    has_head_groups = any(group.get(HEAD_GROUP_KEY) for group in optimizer.param_groups)
+    rescale_head = head_lr_schedule == "cyclic_cosine" and not has_head_groups
+    if rescale_head:
+        check_update_scales_with_lr(optimizer)
+    reinit = None
+    if reinit_head:
+        reinit = functools.partial(
+            reinit_head_at_period_start_,
+            model,
+            optimizer,
+            max_steps=max_steps,
+            num_periods=num_periods,
+            seed=seed,
+            head_module=head_module,
+            head_init=head_init,
+            head_init_std=head_init_std,
+            reset_optimizer_state=reset_head_optimizer_state,
+        )
+    l2sp = None
+    if regularizer == "l2sp":
+        backbone, head_trainable = split_backbone_and_head(model, head)
+        l2sp = (backbone, snapshot(backbone), head_trainable, l2sp_alpha, l2sp_beta)
+    handle = RifleHandle(
+        model, optimizer, max_steps, num_periods, head_params, reinit, rescale_head, l2sp, reinit_on_forward
+    )
+    handle.settings_warnings = _settings_warnings(optimizer, regularizer, reinit_head, num_periods, num_train_epochs)
+    if _is_main_process():
+        for warning in handle.settings_warnings:
+            logger.warning(warning)
+    return handle
+
+
+def _settings_warnings(optimizer, regularizer: str, reinit_head: bool, num_periods: int, num_train_epochs) -> list[str]:
+    """What `attach` can see that silently undoes RIFLE: weight decay on top of L2-SP, periods too short."""
+    warnings = []
+    weight_decay = max(group.get("weight_decay") or 0.0 for group in optimizer.param_groups)
+    if regularizer == "l2sp" and weight_decay > 0:
+        warnings.append(L2SP_WEIGHT_DECAY_WARNING.format(weight_decay=weight_decay))
+    if num_train_epochs is not None and (short := short_period_warning(num_train_epochs, num_periods, reinit_head)):
+        warnings.append(short)
+    return warnings
+
+
+def check_same_run(stored: dict, max_steps: int, num_periods: int) -> None:
+    """Refuse to continue a run whose periods were defined on another max_steps or num_periods."""
+    if (stored["max_steps"], stored["num_periods"]) == (max_steps, num_periods):
+        return
+    saved = ", ".join(map(str, reinit_steps(stored["max_steps"], stored["num_periods"]))) or "none"
+    raise ValueError(
+        f"The RIFLE state being loaded comes from a run with max_steps={stored['max_steps']}, "
+        f"num_periods={stored['num_periods']} (head re-drawn at steps {saved}); this one was attached with "
+        f"max_steps={max_steps}, num_periods={num_periods}. Resuming would add or skip re-initializations. Call "
+        f"attach(..., max_steps={stored['max_steps']}, num_periods={stored['num_periods']}) as the first run did, or "
+        "start a new run without loading this optimizer state."
+    )
+
+
+def _head_params_in(optimizer: torch.optim.Optimizer, head: nn.Module) -> list[nn.Parameter]:
+    """The head's parameters, refusing an optimizer that holds none: the head would be re-drawn and never trained."""
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = list(head.parameters())
+    if not any(id(p) in in_optimizer for p in params):
+        raise ValueError(
+            "None of the head's parameters are in the optimizer: build the optimizer after the head is final (e.g. "
+            "after timm's reset_classifier) and from model.parameters(), or name the head with head_module=."
+        )
+    return params
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
