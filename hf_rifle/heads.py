@@ -108,6 +108,14 @@ def reinit_head_(head: nn.Module, seed: int, init: str = "default", std: float =
 
 
 def clear_optimizer_state_(optimizer: torch.optim.Optimizer, params) -> None:
-    """Forget momentum buffers, Adam moments and step counts of `params`, so a re-drawn head starts fresh."""
+    """Forget momentum buffers, Adam moments and step counts of `params`, so a re-drawn head starts fresh.
+
+    Fused SGD cannot start the buffers of some parameters of a param group while others have theirs, so there a
+    buffer is zeroed instead: the same next update (the gradient itself) when dampening is 0, SGD's default.
+    """
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     for param in params:
-        optimizer.state.pop(param, None)
+        state = optimizer.state.pop(param, None)
+        group = group_of.get(id(param), {})
+        if state and "momentum_buffer" in state and group.get("fused") and not group.get("dampening"):
+            optimizer.state[param] = {"momentum_buffer": state["momentum_buffer"].zero_()}

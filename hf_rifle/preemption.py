@@ -117,7 +117,9 @@ class PreemptionCallback(TrainerCallback):
 
     A signal during evaluation or a checkpoint write lets it finish first; one before the first step (or before
     training began, where the handlers are installed earlier with `install()`) stops at train begin with no new
-    checkpoint. `RifleTrainer` installs one from `RifleConfig.preemption_signals`.
+    checkpoint; one after the last step boundary, as training ends, is given back to the handler the signal had
+    before (by default: the process ends), unless `install()` was called, whose caller then owns the decision.
+    `RifleTrainer` installs one from `RifleConfig.preemption_signals`.
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=data, callbacks=[RifleTrainerCallback(), PreemptionCallback()])
@@ -155,6 +157,8 @@ class PreemptionCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self._installed_at_train_begin:
             self.recorder.restore()
+            if self.recorder.received is not None:  # after the last step boundary: delivered as if never caught
+                signal.raise_signal(self.recorder.received)
 
     def exit_if_signaled(self, args, state, checkpoint: str | None) -> None:
         """At a point every rank reaches: raise `TrainingPreempted` there if any rank has received a signal."""

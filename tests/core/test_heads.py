@@ -127,3 +127,25 @@ def test_callback_refuses_bad_settings(settings, message):
 
     with pytest.raises(ValueError, match=message):
         RifleTrainerCallback(**settings)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+def test_a_head_sharing_a_group_with_the_backbone_restarts_its_momentum_with_any_sgd(fused):
+    """Fused SGD cannot mix fresh and running momentum buffers in one group: the head's is zeroed there, which gives
+    the update that starting it afresh gives."""
+    updates = {}
+    for implementation in ("reference", "tested"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=0.1, momentum=0.9, fused=fused and implementation == "tested", foreach=False
+        )
+        for step in range(3):
+            if step == 2:
+                clear_optimizer_state_(optimizer, model[1].parameters())
+            model(torch.ones(3, 4)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        updates[implementation] = [p.detach().clone() for p in model.parameters()]
+    for reference, tested in zip(updates["reference"], updates["tested"]):
+        torch.testing.assert_close(tested, reference)

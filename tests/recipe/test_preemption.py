@@ -198,6 +198,22 @@ def test_a_plain_trainer_with_the_callback_checkpoints_and_exits_instead_of_retu
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
 
 
+def test_a_signal_as_training_ends_goes_to_the_handler_it_had_before(tmp_path):
+    class SignalAtTrainEnd(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: received.append(number))
+    try:
+        args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", max_steps=2, save_strategy="no")
+        callbacks = [SignalAtTrainEnd(), PreemptionCallback()]
+        Trainer(timm_wrapper_resnet(), args, train_dataset=RandomImages(), callbacks=callbacks).train()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert received == [signal.SIGUSR1]  # not swallowed: training was over, so there was nothing to checkpoint
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
