@@ -229,6 +229,7 @@ def attach(
     seed: int = 0,
     num_train_epochs: float | None = None,
     reinit_on_forward: bool = True,
+    l2sp_reference: list[torch.Tensor] | None = None,
 ) -> RifleHandle:
     """Run the full RIFLE method in any training loop that calls `optimizer.step()`: head re-initialization at
     the start of periods 2..K, the head's cyclic cosine learning rate and, with `regularizer="l2sp"`, L2-SP.
@@ -240,7 +241,9 @@ def attach(
     torch's LR schedulers), else its learning rate now. Head groups marked `{"rifle_head": True}` keep the curve
     the loop's scheduler gives them. L2 is the optimizer's own weight decay: RIFLE adds nothing.
 
-    Call it before loading a checkpoint: L2-SP's reference is the backbone as it is now, the pretrained weights.
+    Call it before loading a checkpoint: L2-SP's reference is the backbone as it is now, the pretrained weights
+    (or `l2sp_reference`, their values recorded earlier in `split_backbone_and_head`'s order, for a model that has
+    already loaded a checkpoint: the Trainer adapters record them when the Trainer is built).
     The step counter is saved in the optimizer's state dict, so loading that state (before or after `attach`)
     continues the periods; a state from a run with another `max_steps` or `num_periods` is refused.
 
@@ -296,7 +299,8 @@ def attach(
     l2sp = None
     if regularizer == "l2sp":
         backbone, head_trainable = split_backbone_and_head(model, head)
-        l2sp = (backbone, snapshot(backbone), head_trainable, l2sp_alpha, l2sp_beta)
+        reference = snapshot(backbone) if l2sp_reference is None else l2sp_reference
+        l2sp = (backbone, reference, head_trainable, l2sp_alpha, l2sp_beta)
     handle = RifleHandle(
         model, optimizer, max_steps, num_periods, head_params, reinit, rescale_head, l2sp, reinit_on_forward
     )

@@ -1,10 +1,11 @@
 """`RifleTrainerCallback`: the full RIFLE method on any `transformers.Trainer`.
 
-The callback only decides *when*; the plain functions of the core do the work: `reinit_head_at_period_start_`
-at every step start, `add_l2sp_gradient_` before every optimizer step, and the head's cyclic learning rate by
-rescaling its update (`record_head_update_` / `rescale_head_update_`) unless the optimizer already gives the head
-param groups of its own, as `RifleTrainer` does. It holds no training state: everything is recomputed from
-`state.global_step`, so a resumed run continues exactly, with no extra flags.
+The method is `hf_rifle.attach`'s, on the optimizer's hooks (L2-SP's gradient before each update, the head's
+rescaled update after it, unless the optimizer gives the head param groups of its own, as `RifleTrainer` does);
+the callback only adds what is the Trainer's: the re-init step is Trainer's `global_step` (`begin_step` at every
+step start), the logged values join the Trainer's logs, the settings are checked against `TrainingArguments`, and a
+resume that would change the run's number of steps is refused. It holds no training state of its own: everything
+follows `state.global_step`, so a resumed run continues exactly, with no extra flags.
 """
 
 import logging
@@ -13,22 +14,13 @@ import sys
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from .config import PAPER_WEIGHT_DECAY, check_method_settings, check_weight_decay, method_name
-from .functional import reinit_head_at_period_start_
+from .attach import RifleHandle, attach
+from .config import METHOD_FIELDS, PAPER_WEIGHT_DECAY, check_method_settings, check_weight_decay, method_name
 from .heads import find_head
-from .optim import (
-    HEAD_GROUP_KEY,
-    check_update_scales_with_lr,
-    head_learning_rate,
-    record_head_update_,
-    rescale_head_update_,
-    store_run_shape_,
-    stored_run_shape,
-    unscale_gradients_,
-)
+from .optim import HEAD_GROUP_KEY, store_run_shape_, stored_run_shape
 from .preemption import JIT_CHECKPOINT_REFUSED
-from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
-from .schedule import RunShape, check_resumed_shape, period_starts, position_in_period, short_period_warning
+from .regularizers import snapshot, split_backbone_and_head
+from .schedule import RunShape, check_resumed_shape, period_starts, short_period_warning
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +115,8 @@ class RifleTrainerCallback(TrainerCallback):
         self.l2sp_alpha = l2sp_alpha
         self.l2sp_beta = l2sp_beta
         self.seed = seed
-        self._l2sp = None  # (backbone params, their pretrained values, head params)
-        self._head_params = []  # found at train begin
-        self._rescale_head = False
-        self._head_updates = []
+        self._pretrained = None  # with L2-SP: the backbone's values when the Trainer was built
+        self.handle: RifleHandle | None = None  # `attach`'s, from train begin
         self.settings_warnings: list[str] = []  # raised at train begin
 
     @property
@@ -146,10 +136,8 @@ class RifleTrainerCallback(TrainerCallback):
             raise ValueError(JIT_CHECKPOINT_REFUSED)
         period_starts(state.max_steps, self.num_periods)
         self._keep_run_shape(args, state, optimizer)
-        _, head = find_head(model, self.head_module)
-        self._head_params = list(head.parameters())  # re-initialization keeps these Parameter objects
         check_weight_decay(self.regularizer, args.weight_decay)
-        if self.regularizer == "l2sp" and self._l2sp is None:
+        if self.regularizer == "l2sp" and self._pretrained is None:
             if state.global_step > 0:
                 raise ValueError(
                     "RifleTrainerCallback(regularizer='l2sp') was added after the Trainer was built and the run "
@@ -157,62 +145,35 @@ class RifleTrainerCallback(TrainerCallback):
                     "callback in Trainer(callbacks=[...]), which records them when the Trainer is built."
                 )
             self._record_pretrained(model)
-        self._rescale_head = self.head_lr_schedule == "cyclic_cosine" and not _has_head_groups(optimizer)
-        if self._rescale_head:
-            check_update_scales_with_lr(optimizer)
+        if self.handle is not None:  # a second train() on the same Trainer
+            self.handle.detach()
+        # The method itself, on the optimizer's hooks; the re-init follows Trainer's global_step (on_step_begin),
+        # which also counts the steps fp16 loss scaling skips.
+        self.handle = attach(
+            model,
+            optimizer,
+            state.max_steps,
+            **{name: getattr(self, name) for name in METHOD_FIELDS},
+            seed=args.seed if self.seed is None else self.seed,
+            reinit_on_forward=False,
+            l2sp_reference=self._pretrained,
+        )
         self._warn_about_settings(args, state, model, optimizer)
         run_before_reporting_callbacks(self)
 
-    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not self.reinit_head:
-            return
-        done = reinit_head_at_period_start_(
-            model,
-            optimizer,
-            state.global_step,
-            state.max_steps,
-            self.num_periods,
-            args.seed if self.seed is None else self.seed,
-            head_module=self.head_module,
-            head_init=self.head_init,
-            head_init_std=self.head_init_std,
-            reset_optimizer_state=self.reset_head_optimizer_state,
-        )
-        if done and state.is_world_process_zero:
-            logger.warning(
-                "RIFLE: re-initialized the head %r at step %d of %d (period %d of %d)",
-                done.head_name,
-                done.step,
-                state.max_steps,
-                done.period,
-                done.num_periods,
-            )
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.handle.begin_step(state.global_step)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self._l2sp is not None:
-            # After backward, DDP's averaging and clipping: the exact gradient of the penalty, added once per
-            # optimizer step to unscaled gradients (fp16 loss scaling, with or without clipping).
-            unscale_gradients_(optimizer)
-            add_l2sp_gradient_(*self._l2sp, self.l2sp_alpha, self.l2sp_beta)
-        if self._rescale_head:
-            self._head_updates = record_head_update_(
-                optimizer, self._head_params, state.global_step, state.max_steps, self.num_periods, args.learning_rate
-            )
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        rescale_head_update_(self._head_updates)
-        self._head_updates = []
-
-    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:  # training logs only, not evaluation metrics
             return
-        values = {
-            "head_learning_rate": self._head_learning_rate(args, state, optimizer),
-            "rifle_period": position_in_period(state.global_step, state.max_steps, self.num_periods)[0] + 1,
-        }
-        if self._l2sp is not None:
-            values["l2sp_loss"] = l2sp_penalty(*self._l2sp, self.l2sp_alpha, self.l2sp_beta).item()
+        values = {"head_learning_rate": self.handle.head_learning_rate, "rifle_period": self.handle.period}
+        if self.regularizer == "l2sp":
+            values["l2sp_loss"] = self.handle.l2sp_loss
         add_to_training_log_(state, logs, values)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.handle.detach()
 
     def _keep_run_shape(self, args, state, optimizer) -> None:
         """Refuse a resume that would change the run's number of steps (another number of processes, batch size
@@ -229,16 +190,7 @@ class RifleTrainerCallback(TrainerCallback):
 
     def _record_pretrained(self, model) -> None:
         _, head = find_head(model, self.head_module)
-        backbone, head_params = split_backbone_and_head(model, head)
-        self._l2sp = (backbone, snapshot(backbone), head_params)
-
-    def _head_learning_rate(self, args, state, optimizer) -> float:
-        """The head's learning rate for the next optimizer step, as Trainer's `learning_rate` is the backbone's."""
-        groups = optimizer.param_groups
-        head_groups = [group for group in groups if group.get(HEAD_GROUP_KEY)]
-        if head_groups or self.head_lr_schedule == "trainer":
-            return (head_groups or groups)[0]["lr"]
-        return head_learning_rate(groups[0], state.global_step, state.max_steps, self.num_periods, args.learning_rate)
+        self._pretrained = snapshot(split_backbone_and_head(model, head)[0])
 
     def _warn_about_settings(self, args, state, model, optimizer) -> None:
         """Settings that silently undo RIFLE, each warned about once, at train begin, with the numbers behind it;

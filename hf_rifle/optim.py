@@ -97,21 +97,6 @@ def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def unscale_gradients_(optimizer: torch.optim.Optimizer) -> None:
-    """Divide the gradients by fp16 mixed precision's loss scale now, if accelerate's `GradScaler` has not yet.
-
-    Clipping unscales them; without clipping they stay scaled until the optimizer step, so a gradient added in
-    between (L2-SP's) would be divided by the loss scale. Unscaling once here is what clipping does: the scaler
-    then skips its own unscale and still skips steps whose gradients overflowed.
-    """
-    scaler = getattr(optimizer, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return
-    inner = base_optimizer(optimizer)
-    if scaler._per_optimizer_states[id(inner)]["stage"] is not torch.amp.grad_scaler.OptState.UNSCALED:
-        scaler.unscale_(inner)
-
-
 def check_update_scales_with_lr(optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer for which rescaling the head's update is not a learning rate of its own."""
     inner = base_optimizer(optimizer)
@@ -121,12 +106,13 @@ def check_update_scales_with_lr(optimizer: torch.optim.Optimizer) -> None:
     )
     if not exact:
         raise ValueError(
-            f"RifleTrainerCallback gives the head its cyclic learning rate by rescaling the head's update every "
-            f"step, which equals a learning rate of its own only for optimizers whose update is proportional to "
-            f"the learning rate and whose state does not depend on it (SGD, Adam, AdamW, RMSprop, Adagrad, Lion, "
-            f"Adafactor without relative_step, ...). {name} is not known to be one. Use RifleTrainer, which gives "
-            f"the head param groups of its own, or RifleTrainerCallback(head_lr_schedule='trainer') (RIFLE-A: "
-            f"re-initialization only), or an optimizer from that list."
+            f"RIFLE gives a head that shares a param group with the backbone its cyclic learning rate by rescaling the "
+            f"head's update every step (RifleTrainerCallback, attach), which equals a learning rate of its own only "
+            f"for optimizers whose update is proportional to the learning rate and whose state does not depend on it "
+            f"(SGD, Adam, AdamW, RMSprop, Adagrad, Lion, Adafactor without relative_step, ...). {name} is not known "
+            f"to be one. Use RifleTrainer, which gives the head param groups of its own (in another loop: mark them "
+            f"{{'{HEAD_GROUP_KEY}': True}} and give them the cyclic curve in their scheduler), or "
+            f"head_lr_schedule='trainer' (RIFLE-A: re-initialization only), or an optimizer from that list."
         )
 
 

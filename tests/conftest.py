@@ -4,6 +4,19 @@ it) is the test session's own, so no test reads what an earlier session or a use
 import os
 import tempfile
 
+import pytest
+
+from .helpers import save_timm_hub_folder, write_image_folders
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_rifle-tests-datasets-"))
+
+
+@pytest.fixture(scope="module")
+def data_and_model(tmp_path_factory):
+    """Image folders (12 training images per class, 2 for validation and test) and a tiny timm model saved as the
+    Hub holds it, for a module's recipe runs."""
+    root = tmp_path_factory.mktemp("recipe-data")
+    folders = write_image_folders(root / "images", sizes={"train": 12, "validation": 2, "test": 2})
+    return folders, save_timm_hub_folder(root / "model")

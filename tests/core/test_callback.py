@@ -244,6 +244,6 @@ def test_only_the_trainable_copy_of_a_peft_head_is_redrawn_and_l2sp_covers_train
     for key, value in wrapper.original_module.state_dict().items():
         assert torch.equal(value, original[key]), key
     assert not torch.equal(head[1].weight, original["1.weight"])  # re-drawn (lr 0: only re-inits move it)
-    backbone, _, head_params = callback._l2sp
+    backbone, _, head_params, _, _ = callback.handle._l2sp  # (backbone, reference, head, alpha, beta)
     trainable = {id(p) for p in lora.parameters() if p.requires_grad}
     assert {id(p) for p in backbone + head_params} == trainable

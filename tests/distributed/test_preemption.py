@@ -17,7 +17,6 @@ from hf_rifle.checkpoints import checkpoint_problems
 from ..recipe.test_preemption import (
     assert_nothing_finalized,
     assert_same_weights,
-    data_and_model,  # noqa: F401 (a fixture)
     finish,
     flags,
     reinit_log_steps,
@@ -58,7 +57,7 @@ def preempt(argv: list[str], output_dir: Path, at: int, processes: int, rank: in
 
 
 @pytest.fixture(scope="module")
-def two_process_reference(tmp_path_factory, data_and_model):  # noqa: F811
+def two_process_reference(tmp_path_factory, data_and_model):
     output_dir = tmp_path_factory.mktemp("reference")
     process = run_worker(six_epochs(output_dir, data_and_model), processes=2)
     errors = finish(process)
@@ -68,7 +67,7 @@ def two_process_reference(tmp_path_factory, data_and_model):  # noqa: F811
 
 def test_a_signal_to_one_rank_or_to_the_launcher_stops_all_and_the_same_command_resumes_bit_for_bit(
     tmp_path,
-    data_and_model,  # noqa: F811
+    data_and_model,
     two_process_reference,
 ):
     argv = six_epochs(tmp_path, data_and_model)
@@ -87,7 +86,7 @@ def test_a_signal_to_one_rank_or_to_the_launcher_stops_all_and_the_same_command_
 
 def test_two_processes_resumed_on_one_are_refused_then_continue_the_periods_with_accumulation(
     tmp_path,
-    data_and_model,  # noqa: F811
+    data_and_model,
     two_process_reference,
 ):
     argv = six_epochs(tmp_path, data_and_model)
@@ -118,7 +117,7 @@ def test_two_processes_resumed_on_one_are_refused_then_continue_the_periods_with
 
 def test_one_process_resumed_on_two_is_refused_then_continues_the_periods_with_a_smaller_batch(
     tmp_path,
-    data_and_model,  # noqa: F811
+    data_and_model,
 ):
     argv = six_epochs(tmp_path, data_and_model)  # one process: 6 steps an epoch, 36 in all, periods at 12 and 24
     _, errors = preempt(argv, tmp_path, random.Random(22).randrange(2, 30), processes=1, rank=None)

@@ -20,42 +20,17 @@ from hf_rifle.checkpoints import checkpoint_problems
 from hf_rifle.recipe import main
 from hf_rifle.recipe import train as recipe_train
 
-from ..helpers import RandomImages, recipe_flags, save_timm_hub_folder, timm_wrapper_resnet, write_image_folders
+from ..helpers import RandomImages, timm_wrapper_resnet
+from .test_reliability import flags as reliability_flags
 
 FINAL_OUTPUTS = ("model.safetensors", "README.md", "all_results.json", "learning_curve.png")
 WORKER = Path(__file__).with_name("preemption_worker.py")
 
 
-@pytest.fixture(scope="module")
-def data_and_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("preemption")
-    folders = write_image_folders(root / "images", sizes={"train": 12, "validation": 2})
-    return folders, save_timm_hub_folder(root / "model")
-
-
 def flags(output_dir, data_and_model, *extra):
-    """24 images, batch 4, 3 epochs: 18 steps, periods start at 0, 6, 12; checkpoints every 4 steps."""
-    folders, model = data_and_model
-    return recipe_flags(
-        output_dir,
-        "--model_name_or_path",
-        str(model),
-        "--train_dir",
-        str(folders["train"]),
-        "--validation_dir",
-        str(folders["validation"]),
-        "--regularizer",
-        "l2sp",
-        "--num_periods",
-        "3",
-        "--num_train_epochs",
-        "3",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "4",
-        *extra,
-    )
+    """test_reliability's run (24 images, batch 4, 3 epochs: 18 steps, periods start at 0, 6 and 12) with a
+    checkpoint every 4 steps."""
+    return reliability_flags(output_dir, data_and_model, "--save_strategy", "steps", "--save_steps", "4", *extra)
 
 
 def assert_same_weights(first: Path, second: Path) -> None:

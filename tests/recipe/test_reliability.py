@@ -16,14 +16,7 @@ from transformers import TrainerCallback
 from hf_rifle import RifleConfig, RifleTrainer
 from hf_rifle.recipe import main
 
-from ..helpers import RandomImages, recipe_flags, save_timm_hub_folder, timm_wrapper_resnet, write_image_folders
-
-
-@pytest.fixture(scope="module")
-def data_and_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    folders = write_image_folders(root / "images", sizes={"train": 12, "validation": 2, "test": 2})
-    return folders, save_timm_hub_folder(root / "model")
+from ..helpers import RandomImages, recipe_flags, timm_wrapper_resnet
 
 
 def flags(output_dir, data_and_model, *extra):
