@@ -6,21 +6,33 @@ them alike; each round's step times are compared with the plain Trainer's of tha
 from round to round (A B C, B C A, C A B, ...): with a fixed order, whatever favours a place in the round
 (the first run after the previous round's memory is freed, say) would read as a cost of the method.
 
-    trainer           plain `Trainer`
-    rifle_l2sp        `RifleTrainer`: re-init, cyclic head LR and L2-SP (`RifleConfig(regularizer="l2sp")`)
-    trainer_callback  plain `Trainer` + `RifleTrainerCallback` (re-init only)
+    trainer          plain `Trainer`
+    rifle_l2sp       `RifleTrainer`: re-init, cyclic head LR and L2-SP (`RifleConfig(regularizer="l2sp")`); the
+                     head's learning rate comes from param groups of its own
+    callback_l2      plain `Trainer` + `RifleTrainerCallback()`: re-init and cyclic head LR, the head's update
+                     recorded before and rescaled after every optimizer step
+    callback_l2sp    the same with `RifleTrainerCallback(regularizer="l2sp")`: also adds the L2-SP gradient
     rifle_l2sp_autograd  with `--l2sp-impl both`: the "before" of `rifle_l2sp`, the L2-SP penalty added to the
                          loss and differentiated by autograd (RifleTrainer adds its gradient directly)
+
+Every variant uses SGD momentum 0.9 (the recipe's optimizer), no gradient clipping (`max_grad_norm=0`, as the
+method needs) and no weight decay: the L2 of `regularizer="l2"` is the Trainer's own weight decay, which costs
+the same with RIFLE as without, so leaving it out of all variants keeps RIFLE's cost alone in the ratios.
+
+On a CPU shared with other jobs, elapsed time mostly measures their comings and goings: `--clock cpu` times
+the process's CPU time instead, on one torch thread, which leaves out the time they hold the cores (not the
+slower memory and caches they cause).
 
 A warm-up round runs first and is left out (lazy initialization, allocator growth, cuDNN autotuning). In
 each later run, the first `--warmup-steps` steps and the re-init steps (the same step indices for every variant) are
 timed and kept in the JSON but left out of medians and ratios: a real run re-initializes K-1 times in
 thousands of steps, so the ratios give the steady per-step cost and the re-init is timed on its own.
 
-Besides training steps it times, alone, one head re-initialization and the L2-SP gradient (added directly,
-and, with `--l2sp-impl both`, by autograd through the penalty), and it
-measures memory: peak CUDA allocation per variant, or on CPU the process RSS growth next to the exact bytes
-of the L2-SP reference copy, which is the extra memory to expect.
+Besides training steps it times, alone, one head re-initialization, the callback's per-step head-update
+rescaling (record before the optimizer step, rescale after) and the L2-SP gradient (added directly, and, with
+`--l2sp-impl both`, by autograd through the penalty), and it measures memory: peak CUDA allocation per variant,
+or on CPU the process RSS growth next to the exact bytes of the L2-SP reference copy, which is the extra memory
+to expect.
 
     python benchmarks/overhead.py --model resnet50 --image-size 224 --batch-size 8 --device auto
 """
@@ -30,6 +42,7 @@ import contextlib
 import copy
 import datetime
 import gc
+import importlib
 import json
 import os
 import platform
@@ -53,7 +66,6 @@ from transformers import (
 )
 
 import hf_rifle
-import hf_rifle.callback
 from hf_rifle import (
     RifleConfig,
     RifleTrainer,
@@ -65,17 +77,28 @@ from hf_rifle import (
     reinit_steps,
     split_backbone_and_head,
 )
+from hf_rifle.optim import record_head_update_, rescale_head_update_
 from hf_rifle.regularizers import snapshot
 
+# hf_rifle.attach is also the name of the function the package exports: the module, whose functions the hooks call.
+ATTACH_MODULE = importlib.import_module("hf_rifle.attach")
+
 BASELINE = "trainer"
-TARGET_VARIANT = "rifle_l2sp"
+# The full method on both paths, each held to --target-ratio.
+TARGET_VARIANTS = ("rifle_l2sp", "callback_l2", "callback_l2sp")
 VARIANT_LABELS = {
     "trainer": "Trainer",
     "rifle_l2sp": "RifleTrainer (RIFLE + L2-SP)",
-    "trainer_callback": "Trainer + RifleTrainerCallback",
+    "callback_l2": "Trainer + RifleTrainerCallback (RIFLE + L2)",
+    "callback_l2sp": "Trainer + RifleTrainerCallback (RIFLE + L2-SP)",
     "rifle_l2sp_autograd": "RifleTrainer, L2-SP by autograd (before)",
 }
+CALLBACK_REGULARIZERS = {"callback_l2": "l2", "callback_l2sp": "l2sp"}
+LEARNING_RATE = 0.01
+L2SP_STRENGTH = 0.01  # alpha and beta, in every variant and timing that adds L2-SP
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# wall: elapsed time. cpu: this process's CPU time, which leaves out the time other jobs hold a shared CPU's cores.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-periods", type=int, default=2, help="RIFLE's K: each run re-initializes K-1 times")
     parser.add_argument("--micro-repeats", type=int, default=10, help="repeats of the re-init and L2-SP timings alone")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu (with --device cpu): the process's CPU time on one torch thread, for a CPU "
+        "shared with other jobs, whose turns on the cores would otherwise read as this run's time",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
     parser.add_argument("--channels-last", action="store_true", help="model in channels_last memory format")
     parser.add_argument(
@@ -107,7 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="direct",
         help="'both' also times the L2-SP penalty differentiated by autograd (the before), alone and in training",
     )
-    parser.add_argument("--target-ratio", type=float, default=1.02, help="RIFLE+L2-SP step time / Trainer's to meet")
+    parser.add_argument(
+        "--target-ratio", type=float, default=1.02, help="step time / Trainer's to meet, for each full-method variant"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output", type=Path, help="JSON path; default benchmarks/results/overhead-<model>-<device>.json"
@@ -117,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rounds must be >= 2: the ratio's spread needs at least two rounds.")
     if args.warmup_rounds < 0 or args.warmup_steps < 0 or not 1 <= args.num_periods <= args.steps_per_round:
         parser.error("--warmup-rounds/--warmup-steps must be >= 0, --num-periods between 1 and --steps-per-round.")
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu needs --device cpu: the CPU time of a CUDA run leaves out the GPU's work.")
     if not timed_step_indices(args):
         parser.error("No step is left to time after the warm-up and re-init steps: raise --steps-per-round.")
     return args
@@ -169,12 +203,13 @@ def resident_bytes() -> int:
 
 
 class StepRecorder(TrainerCallback):
-    """Wall time of each optimizer step, from `on_step_begin` to `on_step_end`: forward, backward, optimizer,
-    scheduler and the callbacks registered after this one (so RIFLE's re-init counts, data loading does not).
-    On CPU it also keeps the largest RSS seen at a step's end, when gradients and temporaries are freed."""
+    """The time (`--clock`) of each optimizer step, from `on_step_begin` to `on_step_end`: forward, backward,
+    optimizer, scheduler and the callbacks registered after this one (so RIFLE's re-init counts, data loading does
+    not). On CPU it also keeps the largest RSS seen at a step's end, when gradients and temporaries are freed."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, clock: str):
         self.synchronize = synchronizer(device)
+        self.now = CLOCKS[clock]
         self.record_rss = device == "cpu"
         self.step_seconds: list[float] = []
         self.peak_rss = 0
@@ -182,27 +217,28 @@ class StepRecorder(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.synchronize()
-        self._started = time.perf_counter()
+        self._started = self.now()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.synchronize()
-        self.step_seconds.append(time.perf_counter() - self._started)
+        self.step_seconds.append(self.now() - self._started)
         if self.record_rss:
             self.peak_rss = max(self.peak_rss, resident_bytes())
 
 
 def training_kwargs(settings: argparse.Namespace, device: str, output_dir: str) -> dict:
     """Arguments every variant shares; set explicitly where `RifleConfig` and `TrainingArguments` differ
-    (scheduler, clipping), so the variants differ by the method alone."""
+    (scheduler, clipping, weight decay), so the variants differ by the method alone."""
     return dict(
         output_dir=output_dir,
         max_steps=settings.steps_per_round,
         per_device_train_batch_size=settings.batch_size,
-        learning_rate=0.01,
+        learning_rate=LEARNING_RATE,
         optim="sgd",
         optim_args="momentum=0.9",
         lr_scheduler_type="cosine",
         max_grad_norm=0.0,
+        weight_decay=0.0,
         seed=settings.seed,
         bf16=settings.bf16,
         use_cpu=device == "cpu",
@@ -222,17 +258,29 @@ def build_trainer(variant: str, model, dataset, settings, device: str, recorder:
     shared = training_kwargs(settings, device, output_dir)
     if variant in ("rifle_l2sp", "rifle_l2sp_autograd"):
         args = RifleConfig(
-            **shared, num_periods=settings.num_periods, regularizer="l2sp", l2sp_alpha=0.01, l2sp_beta=0.01
+            **shared,
+            num_periods=settings.num_periods,
+            regularizer="l2sp",
+            l2sp_alpha=L2SP_STRENGTH,
+            l2sp_beta=L2SP_STRENGTH,
         )
         trainer_class = AutogradL2SPTrainer if variant == "rifle_l2sp_autograd" else RifleTrainer
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
     else:
         callbacks = [recorder]
-        if variant == "trainer_callback":
-            callbacks.append(RifleTrainerCallback(num_periods=settings.num_periods))
+        if variant in CALLBACK_REGULARIZERS:
+            callbacks.append(full_method_callback(CALLBACK_REGULARIZERS[variant], settings))
         trainer = Trainer(model=model, args=TrainingArguments(**shared), train_dataset=dataset, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints the end-of-run metrics of every run
     return trainer
+
+
+def full_method_callback(regularizer: str, settings) -> RifleTrainerCallback:
+    """The callback as a user plugs it into a plain Trainer: its defaults (re-init, cyclic head learning rate by
+    rescaling the head's update) with the benchmark's K and L2-SP strengths."""
+    return RifleTrainerCallback(
+        num_periods=settings.num_periods, regularizer=regularizer, l2sp_alpha=L2SP_STRENGTH, l2sp_beta=L2SP_STRENGTH
+    )
 
 
 def prepare_model(template, settings, device: str):
@@ -257,10 +305,10 @@ def run_variant(variant: str, template, dataset, settings, device: str) -> tuple
     allocation, or on CPU the RSS growth over the RSS before the run's model copy was made)."""
     release_memory(device)
     rss_before = resident_bytes()
-    recorder = StepRecorder(device)
+    recorder = StepRecorder(device, settings.clock)
     direct_gradient = contextlib.nullcontext()
     if variant == "rifle_l2sp_autograd":  # its gradient comes from the loss; do not add it a second time
-        direct_gradient = mock.patch.object(hf_rifle.callback, "add_l2sp_gradient_", lambda *args: None)
+        direct_gradient = mock.patch.object(ATTACH_MODULE, "add_l2sp_gradient_", lambda *args: None)
     with tempfile.TemporaryDirectory() as output_dir, direct_gradient:
         model = prepare_model(template, settings, device)
         build_trainer(variant, model, dataset, settings, device, recorder, output_dir).train()
@@ -275,19 +323,20 @@ class AutogradL2SPTrainer(RifleTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return loss + l2sp_penalty(*self.rifle._l2sp, self.args.l2sp_alpha, self.args.l2sp_beta)
+        return loss + l2sp_penalty(*self.rifle.handle._l2sp)  # (backbone, reference, head, alpha, beta)
 
 
-def time_repeats(function, repeats: int, synchronize, prepare) -> list[float]:
-    """`repeats` timings of `function()`, each after an untimed `prepare()`."""
+def time_repeats(function, settings, device: str, prepare=lambda: None) -> list[float]:
+    """`--micro-repeats` timings (`--clock`) of `function()`, each after an untimed `prepare()`."""
+    synchronize, now = synchronizer(device), CLOCKS[settings.clock]
     samples = []
-    for _ in range(repeats):
+    for _ in range(settings.micro_repeats):
         prepare()
         synchronize()
-        started = time.perf_counter()
+        started = now()
         function()
         synchronize()
-        samples.append(time.perf_counter() - started)
+        samples.append(now() - started)
     return samples
 
 
@@ -296,7 +345,7 @@ def time_reinit(model, settings, device: str) -> list[float]:
     boundary: find the head, re-draw it, drop its momentum). Momentum is re-created before each repeat so
     every repeat has state to drop."""
     _, head = find_head(model)
-    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(head.parameters(), lr=LEARNING_RATE, momentum=0.9)
 
     def give_head_momentum():
         for param in head.parameters():
@@ -310,15 +359,34 @@ def time_reinit(model, settings, device: str) -> list[float]:
             model, optimizer, step, settings.steps_per_round, settings.num_periods, settings.seed
         )
 
-    return time_repeats(reinit, settings.micro_repeats, synchronizer(device), give_head_momentum)
+    return time_repeats(reinit, settings, device, give_head_momentum)
+
+
+def time_head_rescale(model, settings, device: str) -> list[float]:
+    """The callback's per-step work for the head's learning rate, both halves: `record_head_update_` (find the
+    head's groups, copy its parameters) before the optimizer step and `rescale_head_update_` after it. The
+    optimizer holds the whole model, as the Trainer's does, at half the peak learning rate, as part-way through
+    the Trainer's cosine; the head's, at a period start, is the peak, so its update is scaled by 2 (a scale of
+    exactly 1 is skipped, and would time nothing)."""
+    _, head = find_head(model)
+    head_params = list(head.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE / 2, momentum=0.9)
+
+    def record_and_rescale():
+        updates = record_head_update_(
+            optimizer, head_params, 0, settings.steps_per_round, settings.num_periods, LEARNING_RATE
+        )
+        rescale_head_update_(updates)
+
+    return time_repeats(record_and_rescale, settings, device)
 
 
 def time_l2sp_direct(backbone, reference, head, settings, device: str) -> list[float]:
-    """`add_l2sp_gradient_` alone, into existing gradients, as RifleTrainer runs it once per optimizer step."""
+    """`add_l2sp_gradient_` alone, into existing gradients, as both paths run it once per optimizer step."""
     return time_repeats(
-        lambda: add_l2sp_gradient_(backbone, reference, head, 0.01, 0.01),
-        settings.micro_repeats,
-        synchronizer(device),
+        lambda: add_l2sp_gradient_(backbone, reference, head, L2SP_STRENGTH, L2SP_STRENGTH),
+        settings,
+        device,
         lambda: give_zero_gradients(backbone + head),
     )
 
@@ -326,9 +394,9 @@ def time_l2sp_direct(backbone, reference, head, settings, device: str) -> list[f
 def time_l2sp_autograd(backbone, reference, head, settings, device: str) -> list[float]:
     """The before: the penalty's forward and backward, accumulating into existing gradients."""
     return time_repeats(
-        lambda: l2sp_penalty(backbone, reference, head, 0.01, 0.01).backward(),
-        settings.micro_repeats,
-        synchronizer(device),
+        lambda: l2sp_penalty(backbone, reference, head, L2SP_STRENGTH, L2SP_STRENGTH).backward(),
+        settings,
+        device,
         lambda: give_zero_gradients(backbone + head),
     )
 
@@ -381,8 +449,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def timing(samples: list[float]) -> dict:
+    return {"median_seconds": statistics.median(samples), "seconds": samples}
+
+
 def measure_alone(template, settings, device: str) -> tuple[dict, dict]:
-    """Re-init and L2-SP timings on one device copy of the model, plus the L2-SP reference's exact size."""
+    """Re-init, head-update rescaling and L2-SP timings on one device copy of the model, plus the L2-SP
+    reference's exact size."""
     model = prepare_model(template, settings, device)
     head_name, head = find_head(model)
     backbone, head_params = split_backbone_and_head(model, head)
@@ -392,10 +465,10 @@ def measure_alone(template, settings, device: str) -> tuple[dict, dict]:
         implementations["autograd_reference"] = time_l2sp_autograd
     l2sp = {"reference_bytes": sum(p.numel() * p.element_size() for p in reference)}
     for name, timer in implementations.items():
-        samples = timer(backbone, reference, head_params, settings, device)
-        l2sp[name] = {"median_seconds": statistics.median(samples), "seconds": samples}
+        l2sp[name] = timing(timer(backbone, reference, head_params, settings, device))
     if "autograd_reference" in l2sp:
         l2sp["speedup_over_autograd"] = l2sp["autograd_reference"]["median_seconds"] / l2sp["direct"]["median_seconds"]
+    head_rescale = time_head_rescale(model, settings, device)
     reinit = time_reinit(model, settings, device)
     model_info = {
         "architecture": settings.model,
@@ -404,7 +477,7 @@ def measure_alone(template, settings, device: str) -> tuple[dict, dict]:
         "backbone_parameters": sum(p.numel() for p in backbone),
         "head_parameters": sum(p.numel() for p in head_params),
     }
-    return model_info, {"reinit": {"median_seconds": statistics.median(reinit), "seconds": reinit}, "l2sp": l2sp}
+    return model_info, {"reinit": timing(reinit), "head_rescale": timing(head_rescale), "l2sp": l2sp}
 
 
 def rotated(variants: list[str], round_index: int) -> list[str]:
@@ -450,7 +523,11 @@ def run(settings: argparse.Namespace) -> dict:
     device = resolve_device(settings.device)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # as image training scripts do; same for every variant
-    variants = [BASELINE, "rifle_l2sp", "trainer_callback"]
+    if settings.clock == "cpu":
+        # CPU time sums the process's threads, and a thread spinning while it waits for a partner that another job
+        # took the core from would count as work: one thread's CPU time is the step's work alone.
+        torch.set_num_threads(1)
+    variants = [BASELINE, *TARGET_VARIANTS]
     if settings.l2sp_impl == "both":
         variants.append("rifle_l2sp_autograd")
     template = build_model(settings.model, settings.num_labels, settings.seed)
@@ -468,11 +545,10 @@ def run(settings: argparse.Namespace) -> dict:
             "warmup_round_step_seconds": warmup_seconds[variant],
         }
     trainer_step = results[BASELINE]["median_step_seconds"]
-    for implementation in ("direct", "autograd_reference"):
-        if implementation in alone["l2sp"]:
-            entry = alone["l2sp"][implementation]
-            entry["fraction_of_trainer_step"] = entry["median_seconds"] / trainer_step
-    ratio = results[TARGET_VARIANT]["ratio_to_trainer"]["median"]
+    per_step_work = [alone["head_rescale"], *(alone["l2sp"].get(impl) for impl in ("direct", "autograd_reference"))]
+    for entry in filter(None, per_step_work):
+        entry["fraction_of_trainer_step"] = entry["median_seconds"] / trainer_step
+    ratios = {variant: results[variant]["ratio_to_trainer"]["median"] for variant in TARGET_VARIANTS}
     return {
         "benchmark": "hf_rifle overhead",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -485,10 +561,11 @@ def run(settings: argparse.Namespace) -> dict:
         "variants": results,
         **alone,
         "target": {
-            "variant": TARGET_VARIANT,
             "max_ratio": settings.target_ratio,
-            "ratio": ratio,
-            "met": ratio <= settings.target_ratio,
+            "variants": {
+                variant: {"ratio": ratio, "met": ratio <= settings.target_ratio} for variant, ratio in ratios.items()
+            },
+            "met": all(ratio <= settings.target_ratio for ratio in ratios.values()),
         },
     }
 
@@ -509,10 +586,12 @@ def markdown_report(result: dict) -> str:
             f"| {statistics.median(variant['memory_bytes_per_round']) / 2**20:.1f} "
             f"| {variant['memory_extra_over_trainer_bytes'] / 2**20:+.1f} |"
         )
-    l2sp, target = result["l2sp"], result["target"]
+    l2sp, target, rescale = result["l2sp"], result["target"], result["head_rescale"]
     lines += [
         "",
         f"- one re-init (reinit_head_at_period_start_): {result['reinit']['median_seconds'] * 1e3:.2f} ms",
+        f"- head-update rescaling (record_head_update_ + rescale_head_update_), alone: "
+        f"{rescale['median_seconds'] * 1e3:.3f} ms = {rescale['fraction_of_trainer_step']:.3%} of a Trainer step",
         f"- L2-SP gradient added directly, alone: {l2sp['direct']['median_seconds'] * 1e3:.2f} ms "
         f"= {l2sp['direct']['fraction_of_trainer_step']:.2%} of a Trainer step",
     ]
@@ -523,11 +602,12 @@ def markdown_report(result: dict) -> str:
             f"= {l2sp['autograd_reference']['fraction_of_trainer_step']:.2%}; direct is "
             f"{l2sp['speedup_over_autograd']:.2f}x as fast"
         )
-    lines += [
-        f"- L2-SP reference copy (expected extra memory): {l2sp['reference_bytes'] / 2**20:.1f} MiB",
-        f"- target {VARIANT_LABELS[target['variant']]} <= {target['max_ratio']}x Trainer: "
-        f"{target['ratio']:.3f}x, {'met' if target['met'] else 'NOT met'}",
-    ]
+    lines.append(f"- L2-SP reference copy (expected extra memory): {l2sp['reference_bytes'] / 2**20:.1f} MiB")
+    for variant, check in target["variants"].items():
+        lines.append(
+            f"- target {VARIANT_LABELS[variant]} <= {target['max_ratio']}x Trainer: "
+            f"{check['ratio']:.3f}x, {'met' if check['met'] else 'NOT met'}"
+        )
     return "\n".join(lines)
 
 

@@ -2,15 +2,19 @@
 
 import contextlib
 import json
+from unittest import mock
 
 import pytest
 import torch
-from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, Trainer
 
+from hf_rifle import RifleTrainerCallback
 from tests.benchmarks import load_script
 
-VARIANTS = {"trainer", "rifle_l2sp", "trainer_callback"}
+FULL_METHOD_VARIANTS = {"rifle_l2sp", "callback_l2", "callback_l2sp"}
+VARIANTS = {"trainer"} | FULL_METHOD_VARIANTS
 ROUNDS, STEPS = 2, 3
+TINY = ["--model", "test_resnet", "--image-size", "32", "--batch-size", "4", "--steps-per-round", str(STEPS)]
 
 pytestmark = pytest.mark.slow  # a real (tiny) benchmark run: half a minute
 
@@ -23,26 +27,7 @@ def overhead():
 @pytest.fixture(scope="module")
 def result(overhead, tmp_path_factory):
     output = tmp_path_factory.mktemp("overhead") / "o.json"
-    overhead.main(
-        [
-            "--model",
-            "test_resnet",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--rounds",
-            str(ROUNDS),
-            "--steps-per-round",
-            str(STEPS),
-            "--warmup-steps",
-            "1",
-            "--device",
-            "cpu",
-            "--output",
-            str(output),
-        ]
-    )
+    overhead.main([*TINY, "--rounds", str(ROUNDS), "--warmup-steps", "1", "--device", "cpu", "--output", str(output)])
     return json.loads(output.read_text())
 
 
@@ -58,7 +43,40 @@ def test_every_variant_has_raw_step_times_and_ratios(result):
         assert len(variant["memory_bytes_per_round"]) == ROUNDS
         assert len(variant["warmup_round_step_seconds"]) == 1
     assert result["variants"]["trainer"]["ratio_to_trainer"]["per_round"] == [1.0] * ROUNDS
-    assert result["target"]["ratio"] == result["variants"]["rifle_l2sp"]["ratio_to_trainer"]["median"]
+
+
+def test_the_target_holds_both_paths_of_the_full_method(result):
+    target = result["target"]
+    assert set(target["variants"]) == FULL_METHOD_VARIANTS
+    for name, check in target["variants"].items():
+        assert check["ratio"] == result["variants"][name]["ratio_to_trainer"]["median"]
+        assert check["met"] == (check["ratio"] <= target["max_ratio"])
+    assert target["met"] == all(check["met"] for check in target["variants"].values())
+
+
+@pytest.mark.parametrize("variant, regularizer", [("callback_l2", "l2"), ("callback_l2sp", "l2sp")])
+def test_callback_variants_run_the_full_method_on_a_plain_trainer(overhead, tmp_path, variant, regularizer):
+    """As a user plugs it in: plain Trainer, no clipping, and every step the head's update rescaled (both head
+    parameters), plus the L2-SP gradient with regularizer='l2sp'."""
+    settings = overhead.parse_args(TINY)
+    dataset = overhead.SyntheticImages(STEPS * 4, 4, 32, settings.num_labels, 0)
+    model = overhead.build_model("test_resnet", settings.num_labels, 0)
+    recorder = overhead.StepRecorder("cpu", settings.clock)
+    trainer = overhead.build_trainer(variant, model, dataset, settings, "cpu", recorder, str(tmp_path))
+    rifle = [c for c in trainer.callback_handler.callbacks if isinstance(c, RifleTrainerCallback)]
+    assert type(trainer) is Trainer and trainer.args.max_grad_norm == 0 and trainer.args.optim == "sgd"
+    assert len(rifle) == 1 and rifle[0].regularizer == regularizer and rifle[0].method == "RIFLE"
+    rescale = mock.patch.object(
+        overhead.ATTACH_MODULE, "rescale_head_update_", wraps=overhead.ATTACH_MODULE.rescale_head_update_
+    )
+    l2sp = mock.patch.object(
+        overhead.ATTACH_MODULE, "add_l2sp_gradient_", wraps=overhead.ATTACH_MODULE.add_l2sp_gradient_
+    )
+    with rescale as rescaled, l2sp as l2sp_added:
+        trainer.train()
+    assert [len(call.args[0]) for call in rescaled.call_args_list] == [2] * STEPS  # fc weight and bias
+    assert l2sp_added.call_count == (STEPS if regularizer == "l2sp" else 0)
+    assert len(recorder.step_seconds) == STEPS
 
 
 def test_each_variant_runs_in_each_place_of_the_round_equally_often(overhead, result):
@@ -70,10 +88,19 @@ def test_each_variant_runs_in_each_place_of_the_round_equally_often(overhead, re
     assert all(sorted(column) == variants for column in zip(*places))
 
 
-def test_reinit_and_l2sp_are_timed_alone(result):
+def test_reinit_rescaling_and_l2sp_are_timed_alone(result):
     assert result["reinit"]["median_seconds"] > 0
-    assert result["l2sp"]["direct"]["median_seconds"] > 0
-    assert result["l2sp"]["direct"]["fraction_of_trainer_step"] > 0
+    for timed in (result["head_rescale"], result["l2sp"]["direct"]):
+        assert timed["median_seconds"] > 0 and timed["fraction_of_trainer_step"] > 0
+
+
+def test_rescaling_timing_rescales_every_head_parameter(overhead):
+    """A scale of exactly 1 skips the rescale, so the timing must record a different one for all of the head."""
+    settings = overhead.parse_args([*TINY, "--micro-repeats", "2"])
+    model = overhead.build_model("test_resnet", settings.num_labels, 0)
+    with mock.patch.object(overhead, "rescale_head_update_", wraps=overhead.rescale_head_update_) as rescaled:
+        assert len(overhead.time_head_rescale(model, settings, "cpu")) == 2
+    assert [[update.scale for update in call.args[0]] for call in rescaled.call_args_list] == [[2.0, 2.0]] * 2
 
 
 def test_l2sp_reference_bytes_are_the_backbone_parameter_bytes(result):
@@ -97,9 +124,6 @@ def test_json_records_the_machine_and_settings(result):
 def test_autograd_reference_trainer_gives_the_same_update_as_rifle_trainer(overhead, tmp_path):
     """The 'before' the benchmark compares against must train the same model: penalty in the loss vs its
     gradient added directly."""
-    from unittest import mock
-
-    import hf_rifle.callback
     from hf_rifle import RifleConfig, RifleTrainer
 
     from ..helpers import RandomImages, timm_wrapper_resnet
@@ -127,7 +151,13 @@ def test_autograd_reference_trainer_gives_the_same_update_as_rifle_trainer(overh
 
     after = trained(RifleTrainer, contextlib.nullcontext())
     before = trained(
-        overhead.AutogradL2SPTrainer, mock.patch.object(hf_rifle.callback, "add_l2sp_gradient_", lambda *a: None)
+        overhead.AutogradL2SPTrainer, mock.patch.object(overhead.ATTACH_MODULE, "add_l2sp_gradient_", lambda *a: None)
     )
     for a, b in zip(after, before):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_cpu_clock_is_refused_where_a_gpu_may_do_the_work(overhead, device):
+    with pytest.raises(SystemExit):
+        overhead.parse_args([*TINY, "--clock", "cpu", "--device", device])
