@@ -120,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup-steps", type=int, default=2, help="first steps of every run left out of the statistics"
     )
     parser.add_argument("--num-periods", type=int, default=2, help="RIFLE's K: each run re-initializes K-1 times")
-    parser.add_argument("--micro-repeats", type=int, default=10, help="repeats of the re-init and L2-SP timings alone")
+    parser.add_argument(
+        "--micro-repeats", type=int, default=10, help="repeats of each timing alone (re-init, rescaling, L2-SP)"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     parser.add_argument(
         "--clock",
