@@ -21,6 +21,7 @@ from hf_rifle.recipe import main
 from hf_rifle.recipe import train as recipe_train
 
 from ..helpers import RandomImages, timm_wrapper_resnet
+from .test_reliability import StopAt
 from .test_reliability import flags as reliability_flags
 
 FINAL_OUTPUTS = ("model.safetensors", "README.md", "all_results.json", "learning_curve.png")
@@ -187,15 +188,6 @@ def test_a_signal_as_training_ends_goes_to_the_handler_it_had_before(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert received == [signal.SIGUSR1]  # not swallowed: training was over, so there was nothing to checkpoint
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize(
