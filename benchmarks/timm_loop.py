@@ -14,7 +14,7 @@ scale 0.08-1 and ratio 3/4-4/3, a random interpolation, horizontal flip 0.5, col
 last epoch, by the script's own validation (`--val-split test --val-interval <epochs>`): the last epoch's
 accuracy, with no model selection on it. The validation split is written but not used.
 
-    python benchmarks/timm_loop.py accuracy                           # seeds 1-5: 45 minutes (4 a run)
+    python benchmarks/timm_loop.py accuracy                           # seeds 1-5: 20-45 minutes (2-4.5 a run)
     python benchmarks/timm_loop.py accuracy --seeds $(seq 1 10)       # resumes: only runs missing from the file run
     python benchmarks/timm_loop.py accuracy --tag noaug -- --no-aug   # more timm flags (both runs), a file of their own
 
@@ -225,7 +225,7 @@ def write_report(output: Path, report: dict, rows: list[dict], args) -> dict:
     rows = sorted(rows, key=lambda row: (row["seed"], METHODS.index(row["method"])))
     paired = [row for row in rows if {(row["seed"], m) for m in METHODS} <= {(r["seed"], r["method"]) for r in rows}]
     summary = sweeps.summarize(paired) if paired else []
-    label = f"timm train.py, digits {args.setting}, {args.epochs} epochs"
+    label = f"timm train.py{f' {args.tag}' if args.tag else ''}, digits {args.setting}, {args.epochs} epochs"
     table = sweeps.markdown_table(summary, label, "test") + "\n" if summary else ""
     full = {**report, "runs": rows, "summary": summary, "table": table}
     output.parent.mkdir(parents=True, exist_ok=True)
