@@ -289,7 +289,6 @@ def overhead(settings) -> dict:
     rotated every round (with one step per round, neighbouring steps of the three share the machine's load)."""
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
-    logging.getLogger("hf_rifle").setLevel(logging.ERROR)  # the re-init and L2-SP-with-weight-decay warnings
     template = timm.create_model(settings.model, num_classes=settings.num_classes)
     size, batch_size = settings.image_size, settings.batch_size
     batches = [
@@ -439,4 +438,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    logging.getLogger("hf_rifle").setLevel(logging.ERROR)  # the re-init and L2-SP-with-weight-decay warnings
     main()

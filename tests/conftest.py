@@ -1,16 +1,28 @@
 """Tests run offline: nothing may reach the Hugging Face Hub. The datasets cache (and the recipe's image cache in
 it) is the test session's own, so no test reads what an earlier session or a user's runs left there."""
 
+import logging
 import os
 import tempfile
 
 import pytest
+import torch
 
 from .helpers import save_timm_hub_folder, write_image_folders
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_rifle-tests-datasets-"))
+
+
+@pytest.fixture(autouse=True)
+def process_wide_settings_restored():
+    """Benchmarks and scripts that tests run in-process set process-wide state (torch's thread count, a logger's
+    level); each test gets it back as it found it, so no later test runs slower or misses a warning."""
+    threads, level = torch.get_num_threads(), logging.getLogger("hf_rifle").level
+    yield
+    torch.set_num_threads(threads)
+    logging.getLogger("hf_rifle").setLevel(level)
 
 
 @pytest.fixture(scope="module")
