@@ -19,6 +19,7 @@ The method's work is done by the core's plain functions; this module only decide
 
 import functools
 import logging
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -35,11 +36,19 @@ from .optim import (
     rescale_head_update_,
 )
 from .regularizers import add_l2sp_gradient_, l2sp_penalty, snapshot, split_backbone_and_head
-from .schedule import period_starts, position_in_period, reinit_steps, short_period_warning
+from .schedule import (
+    RunShape,
+    check_resumed_shape,
+    period_starts,
+    position_in_period,
+    reinit_steps,
+    short_period_warning,
+)
 
 logger = logging.getLogger(__name__)
 
-STATE_KEY = "rifle_attach"  # in every param group: {"step", "max_steps", "num_periods"}, saved with the optimizer
+# In every param group, saved with the optimizer: {"step", "max_steps", "num_periods", "run_shape"}.
+STATE_KEY = "rifle_attach"
 L2SP_WEIGHT_DECAY_WARNING = (
     "regularizer='l2sp' with an optimizer whose weight_decay is {weight_decay}: L2-SP pulls the backbone towards its "
     "pretrained weights and weight decay pulls it towards 0, so the run is regularized twice. Build the optimizer "
@@ -67,9 +76,11 @@ class RifleHandle:
         rescale_head: bool,
         l2sp: tuple | None,
         reinit_on_forward: bool,
+        run_shape: RunShape | None = None,
     ):
         self.max_steps = max_steps
         self.num_periods = num_periods
+        self.run_shape = run_shape
         self.settings_warnings: list[str] = []  # logged by `attach`, kept for a card or a summary
         self._optimizer = optimizer
         self._head_params = head_params
@@ -136,11 +147,12 @@ class RifleHandle:
         return done
 
     def state_dict(self) -> dict:
-        return {"step": self._step, "max_steps": self.max_steps, "num_periods": self.num_periods}
+        shape = asdict(self.run_shape) if self.run_shape is not None else None
+        return {"step": self._step, "max_steps": self.max_steps, "num_periods": self.num_periods, "run_shape": shape}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a run from `state_dict()`; refused if it had another max_steps or num_periods."""
-        check_same_run(state, self.max_steps, self.num_periods)
+        check_same_run(state, self.max_steps, self.num_periods, self.run_shape)
         self._begun_step = None
         self._set_step(state["step"])
 
@@ -197,7 +209,7 @@ class RifleHandle:
         """Take the step from the optimizer's param groups where a loaded state put it; else record ours there."""
         stored = next((group[STATE_KEY] for group in self._optimizer.param_groups if STATE_KEY in group), None)
         if stored is not None:
-            check_same_run(stored, self.max_steps, self.num_periods)
+            check_same_run(stored, self.max_steps, self.num_periods, self.run_shape)
             self._step = stored["step"]
         self._set_step(self._step)
 
@@ -230,6 +242,7 @@ def attach(
     num_train_epochs: float | None = None,
     reinit_on_forward: bool = True,
     l2sp_reference: list[torch.Tensor] | None = None,
+    run_shape: RunShape | None = None,
 ) -> RifleHandle:
     """Run the full RIFLE method in any training loop that calls `optimizer.step()`: head re-initialization at
     the start of periods 2..K, the head's cyclic cosine learning rate and, with `regularizer="l2sp"`, L2-SP.
@@ -245,7 +258,9 @@ def attach(
     (or `l2sp_reference`, their values recorded earlier in `split_backbone_and_head`'s order, for a model that has
     already loaded a checkpoint: the Trainer adapters record them when the Trainer is built).
     The step counter is saved in the optimizer's state dict, so loading that state (before or after `attach`)
-    continues the periods; a state from a run with another `max_steps` or `num_periods` is refused.
+    continues the periods; a state from a run with another `max_steps` or `num_periods` is refused. A loop that
+    passes `run_shape` (what its steps are made of) has the refusal name the processes, batch size or accumulation
+    that changed and the setting that keeps the first run's steps.
 
     When a step starts a period, the head is re-drawn at that step's first call of `model` in training mode with
     gradients enabled, so evaluations and checkpoints between steps see the trained head. A loop that counts its own
@@ -302,7 +317,7 @@ def attach(
         reference = snapshot(backbone) if l2sp_reference is None else l2sp_reference
         l2sp = (backbone, reference, head_trainable, l2sp_alpha, l2sp_beta)
     handle = RifleHandle(
-        model, optimizer, max_steps, num_periods, head_params, reinit, rescale_head, l2sp, reinit_on_forward
+        model, optimizer, max_steps, num_periods, head_params, reinit, rescale_head, l2sp, reinit_on_forward, run_shape
     )
     handle.settings_warnings = _settings_warnings(optimizer, regularizer, reinit_head, num_periods, num_train_epochs)
     if _is_main_process():
@@ -322,10 +337,13 @@ def _settings_warnings(optimizer, regularizer: str, reinit_head: bool, num_perio
     return warnings
 
 
-def check_same_run(stored: dict, max_steps: int, num_periods: int) -> None:
-    """Refuse to continue a run whose periods were defined on another max_steps or num_periods."""
+def check_same_run(stored: dict, max_steps: int, num_periods: int, run_shape: RunShape | None = None) -> None:
+    """Refuse to continue a run whose periods were defined on another max_steps or num_periods; in the terms of
+    processes, batch size and accumulation where both runs recorded them."""
     if (stored["max_steps"], stored["num_periods"]) == (max_steps, num_periods):
         return
+    if stored["num_periods"] == num_periods and stored.get("run_shape") and run_shape is not None:
+        check_resumed_shape(RunShape(**stored["run_shape"]), run_shape, num_periods)
     saved = ", ".join(map(str, reinit_steps(stored["max_steps"], stored["num_periods"]))) or "none"
     raise ValueError(
         f"The RIFLE state being loaded comes from a run with max_steps={stored['max_steps']}, "

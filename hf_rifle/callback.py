@@ -17,10 +17,10 @@ from transformers.trainer_callback import CallbackHandler
 from .attach import RifleHandle, attach
 from .config import METHOD_FIELDS, PAPER_WEIGHT_DECAY, check_method_settings, check_weight_decay, method_name
 from .heads import find_head
-from .optim import HEAD_GROUP_KEY, store_run_shape_, stored_run_shape
+from .optim import HEAD_GROUP_KEY
 from .preemption import JIT_CHECKPOINT_REFUSED
 from .regularizers import snapshot, split_backbone_and_head
-from .schedule import RunShape, check_resumed_shape, period_starts, short_period_warning
+from .schedule import RunShape, period_starts, short_period_warning
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,6 @@ class RifleTrainerCallback(TrainerCallback):
         if getattr(args, "enable_jit_checkpoint", False):
             raise ValueError(JIT_CHECKPOINT_REFUSED)
         period_starts(state.max_steps, self.num_periods)
-        self._keep_run_shape(args, state, optimizer)
         check_weight_decay(self.regularizer, args.weight_decay)
         if self.regularizer == "l2sp" and self._pretrained is None:
             if state.global_step > 0:
@@ -157,6 +156,11 @@ class RifleTrainerCallback(TrainerCallback):
             seed=args.seed if self.seed is None else self.seed,
             reinit_on_forward=False,
             l2sp_reference=self._pretrained,
+            # A resume that changes the number of steps (other processes, batch size or accumulation) is refused
+            # in these terms, naming the setting that keeps the first run's periods.
+            run_shape=RunShape(
+                state.max_steps, args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
+            ),
         )
         self._warn_about_settings(args, state, model, optimizer)
         run_before_reporting_callbacks(self)
@@ -174,19 +178,6 @@ class RifleTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.handle.detach()
-
-    def _keep_run_shape(self, args, state, optimizer) -> None:
-        """Refuse a resume that would change the run's number of steps (another number of processes, batch size
-        or accumulation), which would move every period; a first run records its shape in the optimizer."""
-        if optimizer is None:
-            return
-        shape = RunShape(
-            state.max_steps, args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
-        )
-        saved = stored_run_shape(optimizer)
-        if saved is not None:
-            check_resumed_shape(saved, shape, self.num_periods)
-        store_run_shape_(optimizer, saved or shape)
 
     def _record_pretrained(self, model) -> None:
         _, head = find_head(model, self.head_module)

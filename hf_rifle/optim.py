@@ -10,15 +10,14 @@ learning rate and whose state does not depend on it, that is the update a learni
 up to float rounding; `check_update_scales_with_lr` refuses the others.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .schedule import CyclicCosineSchedule, RunShape, head_lr_factor
+from .schedule import CyclicCosineSchedule, head_lr_factor
 
 HEAD_GROUP_KEY = "rifle_head"
-RUN_SHAPE_KEY = "rifle_run_shape"  # kept in every param group, so it travels with the optimizer's checkpoint
 
 
 def isolate_head_param_groups_(optimizer: torch.optim.Optimizer, head_params) -> None:
@@ -45,18 +44,6 @@ def isolate_head_param_groups_(optimizer: torch.optim.Optimizer, head_params) ->
 
 def head_group_indices(optimizer: torch.optim.Optimizer) -> list[int]:
     return [i for i, group in enumerate(optimizer.param_groups) if group.get(HEAD_GROUP_KEY)]
-
-
-def stored_run_shape(optimizer: torch.optim.Optimizer) -> RunShape | None:
-    """The shape of the run that first trained with this optimizer, as a resumed optimizer state holds it."""
-    stored = next((group[RUN_SHAPE_KEY] for group in optimizer.param_groups if RUN_SHAPE_KEY in group), None)
-    return RunShape(**stored) if stored else None
-
-
-def store_run_shape_(optimizer: torch.optim.Optimizer, shape: RunShape) -> None:
-    """Record `shape` in the optimizer's param groups: Trainer's checkpoints save and restore them as they are."""
-    for group in optimizer.param_groups:
-        group[RUN_SHAPE_KEY] = asdict(shape)
 
 
 def attach_cyclic_head_schedule_(scheduler, max_steps: int, num_periods: int, warmup_steps: int = 0) -> None:

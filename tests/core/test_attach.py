@@ -16,6 +16,7 @@ from hf_rifle import RifleConfig, RifleTrainer, cyclic_cosine_factor, head_seed,
 from hf_rifle.attach import STATE_KEY, attach
 from hf_rifle.config import METHOD_FIELDS
 from hf_rifle.optim import attach_cyclic_head_schedule_, head_group_indices, isolate_head_param_groups_
+from hf_rifle.schedule import RunShape
 
 from ..helpers import (
     RandomImages,
@@ -269,6 +270,24 @@ def test_a_resume_with_another_max_steps_or_num_periods_is_refused_naming_both_a
     third = attach(third_model, torch.optim.SGD(third_model.parameters(), lr=LR), MAX_STEPS, num_periods=4)
     with pytest.raises(ValueError, match=r"num_periods=3 .* num_periods=4\."):
         third.load_state_dict(rifle.state_dict())
+
+
+def test_where_both_runs_recorded_their_shape_the_refusal_names_what_changed_and_the_setting_that_keeps_it():
+    two_processes, one_process = RunShape(MAX_STEPS, 2, BATCH, 1), RunShape(2 * MAX_STEPS, 1, BATCH, 1)
+    model = timm_wrapper_resnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    attach(model, optimizer, MAX_STEPS, run_shape=two_processes)
+    assert all(group[STATE_KEY]["run_shape"]["processes"] == 2 for group in optimizer.param_groups)
+    other_model = timm_wrapper_resnet()
+    other = torch.optim.SGD(other_model.parameters(), lr=LR)
+    other.load_state_dict(optimizer.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"comes from a run of 9 optimizer steps \(2 processes x batch 4 x accumulation 1 = 8 samples per step\); "
+        r"this run would take 18 \(1 process .*\(with 1 process: gradient_accumulation_steps=2\)",
+    ):
+        attach(other_model, other, 2 * MAX_STEPS, run_shape=one_process)
+    assert not other._optimizer_step_pre_hooks  # refused before any hook
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
