@@ -23,6 +23,10 @@ On a CPU shared with other jobs, elapsed time mostly measures their comings and 
 the process's CPU time instead, on one torch thread, which leaves out the time they hold the cores (not the
 slower memory and caches they cause).
 
+`--interleave steps` goes further: a round's runs train together, in threads that take turns one optimizer step
+each (the order rotated every cycle), so the steps compared lie seconds apart instead of minutes; only one thread
+runs at any time, so the process's CPU time is still the running step's. Memory is then not told apart per variant.
+
 A warm-up round runs first and is left out (lazy initialization, allocator growth, cuDNN autotuning). In
 each later run, the first `--warmup-steps` steps and the re-init steps (the same step indices for every variant) are
 timed and kept in the JSON but left out of medians and ratios: a real run re-initializes K-1 times in
@@ -43,12 +47,14 @@ import copy
 import datetime
 import gc
 import importlib
+import itertools
 import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -131,6 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wall: elapsed time; cpu (with --device cpu): the process's CPU time on one torch thread, for a CPU "
         "shared with other jobs, whose turns on the cores would otherwise read as this run's time",
     )
+    parser.add_argument(
+        "--interleave",
+        choices=("runs", "steps"),
+        default="runs",
+        help="runs: a round runs the variants one after another; steps: together, taking turns one step each",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
     parser.add_argument("--channels-last", action="store_true", help="model in channels_last memory format")
     parser.add_argument(
@@ -153,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup-rounds/--warmup-steps must be >= 0, --num-periods between 1 and --steps-per-round.")
     if args.clock == "cpu" and args.device != "cpu":
         parser.error("--clock cpu needs --device cpu: the CPU time of a CUDA run leaves out the GPU's work.")
+    if args.interleave == "steps" and args.l2sp_impl == "both":
+        parser.error(
+            "--l2sp-impl both needs --interleave runs: the autograd variant replaces a function of hf_rifle.attach for "
+            "its run, which variants running at the same time would see too."
+        )
     if not timed_step_indices(args):
         parser.error("No step is left to time after the warm-up and re-init steps: raise --steps-per-round.")
     return args
@@ -209,7 +226,8 @@ class StepRecorder(TrainerCallback):
     optimizer, scheduler and the callbacks registered after this one (so RIFLE's re-init counts, data loading does
     not). On CPU it also keeps the largest RSS seen at a step's end, when gradients and temporaries are freed."""
 
-    def __init__(self, device: str, clock: str):
+    def __init__(self, device: str, clock: str, turns: "TurnTaking | None" = None, variant: str = ""):
+        self.turns, self.variant = turns, variant  # with --interleave steps: each step waits for its turn
         self.synchronize = synchronizer(device)
         self.now = CLOCKS[clock]
         self.record_rss = device == "cpu"
@@ -218,6 +236,9 @@ class StepRecorder(TrainerCallback):
         self._started = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.turns is not None:
+            self.turns.pass_turn(self.variant)
+            self.turns.wait_for_turn(self.variant)
         self.synchronize()
         self._started = self.now()
 
@@ -302,12 +323,12 @@ def release_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_variant(variant: str, template, dataset, settings, device: str) -> tuple[list[float], int]:
+def run_variant(variant: str, template, dataset, settings, device: str, turns=None) -> tuple[list[float], int]:
     """Train one variant for one round; return its step times and its memory reading (peak CUDA
     allocation, or on CPU the RSS growth over the RSS before the run's model copy was made)."""
     release_memory(device)
     rss_before = resident_bytes()
-    recorder = StepRecorder(device, settings.clock)
+    recorder = StepRecorder(device, settings.clock, turns, variant)
     direct_gradient = contextlib.nullcontext()
     if variant == "rifle_l2sp_autograd":  # its gradient comes from the loss; do not add it a second time
         direct_gradient = mock.patch.object(ATTACH_MODULE, "add_l2sp_gradient_", lambda *args: None)
@@ -482,6 +503,72 @@ def measure_alone(template, settings, device: str) -> tuple[dict, dict]:
     return model_info, {"reinit": timing(reinit), "head_rescale": timing(head_rescale), "l2sp": l2sp}
 
 
+class TurnTaking:
+    """Runs in threads taking turns, one optimizer step each, in the order `rotated` gives cycle after cycle; a
+    thread runs only while it holds the turn (from the start of its step to the start of its next)."""
+
+    def __init__(self, variants: list[str]):
+        self.variants = variants
+        self.unfinished = set(variants)
+        self.orders = []  # the order of each cycle, as run
+        self._turns = self._turn_sequence()
+        self._turn = next(self._turns)
+        self._condition = threading.Condition()
+
+    def _turn_sequence(self):
+        for cycle in itertools.count():
+            order = [variant for variant in rotated(self.variants, cycle) if variant in self.unfinished]
+            self.orders.append(order)
+            yield from order
+
+    def wait_for_turn(self, variant: str) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: self._turn == variant)
+
+    def pass_turn(self, variant: str, finished: bool = False) -> None:
+        with self._condition:
+            if finished:
+                self.unfinished.discard(variant)
+            self._turn = next(self._turns, None) if self.unfinished else None
+            while self._turn is not None and self._turn not in self.unfinished:
+                self._turn = next(self._turns)
+            self._condition.notify_all()
+
+
+def run_round_interleaved(variants: list[str], template, dataset, settings, device: str) -> dict:
+    """All variants' runs of one round, taking turns step by step: {variant: (step times, None)}. RifleTrainer
+    runs in the main thread, the only one where Python lets its preemption handling install signal handlers."""
+    turns = TurnTaking(variants)
+    results, errors = {}, []
+
+    def take_part(variant: str) -> None:
+        turns.wait_for_turn(variant)
+        try:
+            results[variant] = (run_variant(variant, template, dataset, settings, device, turns)[0], None)
+        except BaseException as error:  # raised in the main thread, once every run has ended
+            errors.append(error)
+        finally:
+            turns.pass_turn(variant, finished=True)
+
+    in_main_thread = "rifle_l2sp" if "rifle_l2sp" in variants else variants[0]
+    threads = [threading.Thread(target=take_part, args=(v,)) for v in variants if v != in_main_thread]
+    for thread in threads:
+        thread.start()
+    take_part(in_main_thread)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def memory_extra(readings: list, baseline: list) -> float | None:
+    """The median extra memory over the plain Trainer's, or None where runs sharing a round are not told apart."""
+    if None in readings + baseline:
+        return None
+    return statistics.median(readings) - statistics.median(baseline)
+
+
 def rotated(variants: list[str], round_index: int) -> list[str]:
     """`variants` starting from the (round_index mod n)-th: over n rounds each variant runs once in each place."""
     start = round_index % len(variants)
@@ -508,8 +595,12 @@ def run_rounds(variants: list[str], template, settings, device: str) -> tuple[di
         order = rotated(variants, round_index)
         if not warmup:
             orders.append(order)
+        if settings.interleave == "steps":
+            runs = run_round_interleaved(order, template, dataset, settings, device)
+        else:
+            runs = {variant: run_variant(variant, template, dataset, settings, device) for variant in order}
         for variant in order:
-            seconds, memory_reading = run_variant(variant, template, dataset, settings, device)
+            seconds, memory_reading = runs[variant]
             if warmup:
                 warmup_seconds[variant].append(seconds)
             else:
@@ -542,7 +633,7 @@ def run(settings: argparse.Namespace) -> dict:
             "label": VARIANT_LABELS[variant],
             **summarize_variant(step_seconds[variant], step_seconds[BASELINE], settings),
             "memory_bytes_per_round": memory[variant],
-            "memory_extra_over_trainer_bytes": statistics.median(memory[variant]) - statistics.median(memory[BASELINE]),
+            "memory_extra_over_trainer_bytes": memory_extra(memory[variant], memory[BASELINE]),
             "step_seconds": step_seconds[variant],
             "warmup_round_step_seconds": warmup_seconds[variant],
         }
@@ -572,6 +663,13 @@ def run(settings: argparse.Namespace) -> dict:
     }
 
 
+def mebibytes(reading, spec: str = ".1f") -> str:
+    """A memory reading (bytes, or a list of per-round bytes: their median) for the table; '—' where none."""
+    if isinstance(reading, list):
+        reading = None if None in reading else statistics.median(reading)
+    return "—" if reading is None else format(reading / 2**20, spec)
+
+
 def markdown_report(result: dict) -> str:
     """The results as a Markdown table, with the timings alone and the target check underneath."""
     memory = "RSS growth" if result["memory_metric"] == "cpu_rss_growth" else "peak CUDA alloc"
@@ -585,8 +683,8 @@ def markdown_report(result: dict) -> str:
         lines.append(
             f"| {variant['label']} | {variant['median_step_seconds'] * 1e3:.1f} | {variant['images_per_second']:.1f} "
             f"| {ratio['median']:.3f} | {ratio['q1']:.3f}–{ratio['q3']:.3f} | {ratio['min']:.3f}–{ratio['max']:.3f} "
-            f"| {statistics.median(variant['memory_bytes_per_round']) / 2**20:.1f} "
-            f"| {variant['memory_extra_over_trainer_bytes'] / 2**20:+.1f} |"
+            f"| {mebibytes(variant['memory_bytes_per_round'])} "
+            f"| {mebibytes(variant['memory_extra_over_trainer_bytes'], '+.1f')} |"
         )
     l2sp, target, rescale = result["l2sp"], result["target"], result["head_rescale"]
     lines += [

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import threading
 from unittest import mock
 
 import pytest
@@ -161,3 +162,41 @@ def test_autograd_reference_trainer_gives_the_same_update_as_rifle_trainer(overh
 def test_cpu_clock_is_refused_where_a_gpu_may_do_the_work(overhead, device):
     with pytest.raises(SystemExit):
         overhead.parse_args([*TINY, "--clock", "cpu", "--device", device])
+
+
+def test_turn_taking_runs_one_step_at_a_time_in_a_rotating_order(overhead):
+    """Each thread holds the turn from the start of its step to the start of its next: the first turns set up the
+    runs, then every cycle runs one step of each, the order rotated by one from cycle to cycle."""
+    turns = overhead.TurnTaking(["a", "b", "c"])
+    log, running = [], []
+
+    def run(variant):
+        turns.wait_for_turn(variant)  # setup
+        try:
+            for step in range(3):
+                turns.pass_turn(variant)
+                turns.wait_for_turn(variant)
+                running.append(variant)
+                log.append(f"{variant}{step}")
+                assert running == [variant]  # nothing else runs meanwhile
+                running.remove(variant)
+        finally:
+            turns.pass_turn(variant, finished=True)
+
+    threads = [threading.Thread(target=run, args=(variant,)) for variant in "abc"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert log == ["b0", "c0", "a0", "c1", "a1", "b1", "a2", "b2", "c2"]
+
+
+def test_interleaved_steps_time_every_variant_and_leave_memory_untold(overhead, tmp_path):
+    output = tmp_path / "o.json"
+    overhead.main([*TINY, "--rounds", "2", "--interleave", "steps", "--device", "cpu", "--output", str(output)])
+    result = json.loads(output.read_text())
+    for variant in result["variants"].values():
+        assert [len(steps) for steps in variant["step_seconds"]] == [STEPS, STEPS]
+        assert variant["memory_bytes_per_round"] == [None, None] and variant["memory_extra_over_trainer_bytes"] is None
+    with pytest.raises(SystemExit):
+        overhead.parse_args([*TINY, "--interleave", "steps", "--l2sp-impl", "both"])
