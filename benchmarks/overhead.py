@@ -510,16 +510,16 @@ class TurnTaking:
     def __init__(self, variants: list[str]):
         self.variants = variants
         self.unfinished = set(variants)
-        self.orders = []  # the order of each cycle, as run
         self._turns = self._turn_sequence()
         self._turn = next(self._turns)
         self._condition = threading.Condition()
 
     def _turn_sequence(self):
+        """Endless while any run is unfinished; a run that finished mid-cycle is skipped from then on."""
         for cycle in itertools.count():
-            order = [variant for variant in rotated(self.variants, cycle) if variant in self.unfinished]
-            self.orders.append(order)
-            yield from order
+            for variant in rotated(self.variants, cycle):
+                if variant in self.unfinished:
+                    yield variant
 
     def wait_for_turn(self, variant: str) -> None:
         with self._condition:
@@ -529,9 +529,7 @@ class TurnTaking:
         with self._condition:
             if finished:
                 self.unfinished.discard(variant)
-            self._turn = next(self._turns, None) if self.unfinished else None
-            while self._turn is not None and self._turn not in self.unfinished:
-                self._turn = next(self._turns)
+            self._turn = next(self._turns) if self.unfinished else None
             self._condition.notify_all()
 
 
