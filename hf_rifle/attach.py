@@ -9,11 +9,15 @@ timm's `NativeScaler`:
   step, and a fused optimizer's are unscaled around the addition), and the head's parameters are recorded when it
   shares a param group with the backbone;
 - after it: the head's update is rescaled to its cyclic learning rate, and the step counter advances;
-- at the first forward in training mode of a step that starts a period: the head is re-drawn. Not after the last
-  update of a period, since loops evaluate and save checkpoints in between, which must see the trained head.
+- at the first forward in training mode of a step that starts a period: the head is re-drawn (with
+  `reinit_when="fitted"`, only if it has fit: `hf_rifle.fit`). Not after the last update of a period, since loops
+  evaluate and save checkpoints in between, which must see the trained head;
+- after the head's forward in training mode, in the last tenth of a period that ends in a re-init: the entropy of its
+  predictions is added up, and summed over ranks after each of those updates, so every rank decides alike.
 
-The step counter travels in the optimizer's param groups, so `optimizer.state_dict()` / `load_state_dict()`, which
-every loop already saves and loads, resume the periods; `handle.state_dict()` is there for loops that prefer it.
+The step counter, the fit statistic and the decisions travel in the optimizer's param groups, so
+`optimizer.state_dict()` / `load_state_dict()`, which every loop already saves and loads, resume the periods and
+their decisions; `handle.state_dict()` is there for loops that prefer it.
 The method's work is done by the core's plain functions; this module only decides when.
 """
 
@@ -24,7 +28,8 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from .config import check_method_settings
+from .config import DEFAULT_REINIT_WHEN, check_method_settings
+from .fit import FitDecision, decide_redraw, fit_windows, prediction_entropy_ratios
 from .functional import HeadReinit, reinit_head_at_period_start_
 from .heads import find_head
 from .optim import (
@@ -47,8 +52,17 @@ from .schedule import (
 
 logger = logging.getLogger(__name__)
 
-# In every param group, saved with the optimizer: {"step", "max_steps", "num_periods", "run_shape"}.
+# In every param group, saved with the optimizer: {"step", "max_steps", "num_periods", "run_shape", "fit",
+# "decisions"}: "fit" is the fit test's running [sum, count] of entropy ratios (over ranks) before the next re-init,
+# "decisions" a [step, period, entropy ratio, redrawn] row per planned re-init so far.
 STATE_KEY = "rifle_attach"
+L2SP_AFTER_LOAD_REFUSED = (
+    "attach(..., regularizer='l2sp') after a checkpoint was loaded: the optimizer's state is at RIFLE step {step}, so "
+    "the model holds trained weights, and L2-SP would pull the backbone towards them instead of the pretrained ones. "
+    "Call attach before loading the checkpoint (model and optimizer), or pass l2sp_reference=<the pretrained "
+    "backbone's values, recorded with hf_rifle.regularizers.snapshot(split_backbone_and_head(model, head)[0]) "
+    "before training>."
+)
 L2SP_WEIGHT_DECAY_WARNING = (
     "regularizer='l2sp' with an optimizer whose weight_decay is {weight_decay}: L2-SP pulls the backbone towards its "
     "pretrained weights and weight decay pulls it towards 0, so the run is regularized twice. Build the optimizer "
@@ -60,7 +74,8 @@ class RifleHandle:
     """What `attach` returns: RIFLE hooked into a model and its optimizer, with what a loop logs and saves.
 
     `step` (optimizer updates done, the index of the next one), `period` (1..K), `head_learning_rate` (the head's
-    learning rate for the next update) and `l2sp_loss` (L2-SP's term, None with L2) are for the loop's logs;
+    learning rate for the next update), `l2sp_loss` (L2-SP's term, None with L2) and `decisions` (one `FitDecision`
+    per planned re-init so far: the fit statistic and whether the head was re-drawn) are for the loop's logs;
     `state_dict()` / `load_state_dict()` for loops that save RIFLE's state apart from the optimizer's;
     `detach()` (or leaving a `with` block) removes every hook.
     """
@@ -77,10 +92,13 @@ class RifleHandle:
         l2sp: tuple | None,
         reinit_on_forward: bool,
         run_shape: RunShape | None = None,
+        reinit_when: str = DEFAULT_REINIT_WHEN,
+        head: nn.Module | None = None,
     ):
         self.max_steps = max_steps
         self.num_periods = num_periods
         self.run_shape = run_shape
+        self.reinit_when = reinit_when
         self.settings_warnings: list[str] = []  # logged by `attach`, kept for a card or a summary
         self._optimizer = optimizer
         self._head_params = head_params
@@ -93,15 +111,22 @@ class RifleHandle:
         self._head_updates = []
         self._step = 0
         self._begun_step = None  # the last step whose start was handled (re-initialization checked)
+        self._reinit_steps = reinit_steps(max_steps, num_periods) if reinit is not None else []
+        self._fit_windows = fit_windows(max_steps, num_periods) if reinit is not None else {}
+        self._fit = [0.0, 0.0]  # the fit test's [sum, count] of entropy ratios, over ranks, since the last re-init
+        self._fit_pending = None  # this rank's [sum, count] for the current step, a tensor on the head's device
+        self._decisions: dict[int, FitDecision] = {}
         self._resume_from_optimizer()  # before any hook: a refused state leaves nothing attached
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_update),
             optimizer.register_step_post_hook(self._after_update),
             optimizer.register_load_state_dict_post_hook(self._after_load),
         ]
+        # Disabled for torch.compile: hooks reading a step counter would otherwise be traced and recompile.
         if reinit_on_forward and reinit is not None:
-            # Disabled for torch.compile: a hook reading a step counter would otherwise be traced and recompile.
             self._hooks.append(model.register_forward_pre_hook(torch.compiler.disable(self._before_forward)))
+        if self._fit_windows:
+            self._hooks.append(head.register_forward_hook(torch.compiler.disable(self._after_head_forward)))
 
     @property
     def step(self) -> int:
@@ -120,6 +145,11 @@ class RifleHandle:
         return head_learning_rate(group, self._step, self.max_steps, self.num_periods, self._peak_lr)
 
     @property
+    def decisions(self) -> list[FitDecision]:
+        """One entry per planned re-initialization reached so far, in order."""
+        return [self._decisions[step] for step in sorted(self._decisions)]
+
+    @property
     def l2sp_loss(self) -> float | None:
         if self._l2sp is None:
             return None
@@ -127,34 +157,53 @@ class RifleHandle:
             return l2sp_penalty(*self._l2sp).item()
 
     def begin_step(self, step: int) -> HeadReinit | None:
-        """Start optimizer step `step` (from 0): re-draw the head if it starts one of periods 2..K.
+        """Start optimizer step `step` (from 0): re-draw the head if it starts one of periods 2..K (with
+        `reinit_when="fitted"`, only if the head has fit; the decision is logged at WARNING either way).
 
         For loops that count their own steps (Trainer's `global_step`, timm's `num_updates`), called before the
         step's first forward; the forward hook calls it otherwise, and skips a step already begun.
         """
         self._set_step(step)
         self._begun_step = step
-        done = self._reinit(step=step) if self._reinit is not None else None
-        if done and _is_main_process():
-            logger.warning(
-                "RIFLE: re-initialized the head %r at step %d of %d (period %d of %d)",
-                done.head_name,
-                done.step,
-                self.max_steps,
-                done.period,
-                done.num_periods,
-            )
+        if step not in self._reinit_steps:
+            return None
+        decision = self._decisions.get(step)
+        first_time = decision is None
+        if first_time:
+            decision = self._decide(step)
+        done = self._reinit(step=step) if decision.redrawn else None
+        if first_time and _is_main_process():
+            text = decision.describe(self.max_steps, self.num_periods, self.reinit_when, done and done.head_name)
+            logger.warning("RIFLE: %s", text)
         return done
+
+    def _decide(self, step: int) -> FitDecision:
+        """The planned re-init's decision, from the statistic gathered before it; recorded in the saved state."""
+        total, count = self._fit
+        ratio = total / count if count else None
+        period = self._reinit_steps.index(step) + 2
+        decision = FitDecision(step, period, ratio, decide_redraw(self.reinit_when, ratio))
+        self._decisions[step] = decision
+        self._fit = [0.0, 0.0]
+        self._set_step(step)
+        return decision
 
     def state_dict(self) -> dict:
         shape = asdict(self.run_shape) if self.run_shape is not None else None
-        return {"step": self._step, "max_steps": self.max_steps, "num_periods": self.num_periods, "run_shape": shape}
+        return {
+            "step": self._step,
+            "max_steps": self.max_steps,
+            "num_periods": self.num_periods,
+            "run_shape": shape,
+            "fit": list(self._fit),
+            "decisions": [[d.step, d.period, d.entropy_ratio, d.redrawn] for d in self.decisions],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a run from `state_dict()`; refused if it had another max_steps or num_periods."""
         check_same_run(state, self.max_steps, self.num_periods, self.run_shape)
         self._begun_step = None
-        self._set_step(state["step"])
+        self._load(state)
 
     def detach(self) -> None:
         """Remove every hook: from here on the optimizer and the model train as if RIFLE had never been attached."""
@@ -174,6 +223,17 @@ class RifleHandle:
         if module.training and torch.is_grad_enabled() and self._begun_step != self._step:
             self.begin_step(self._step)
 
+    def _after_head_forward(self, module: nn.Module, args, output) -> None:
+        """In a fit window, add this training batch's prediction entropies to the step's running sum."""
+        if self._step not in self._fit_windows or not (module.training and torch.is_grad_enabled()):
+            return
+        logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+        if logits is None or logits.shape[-1] < 2:
+            return
+        ratios = prediction_entropy_ratios(logits)
+        batch = torch.stack([ratios.double().sum(), torch.tensor(float(ratios.numel()), device=ratios.device)])
+        self._fit_pending = batch if self._fit_pending is None else self._fit_pending + batch
+
     def _before_update(self, optimizer, args, kwargs) -> None:
         if self._l2sp is not None:
             self._add_l2sp_gradient(optimizer)
@@ -185,7 +245,20 @@ class RifleHandle:
     def _after_update(self, optimizer, args, kwargs) -> None:
         rescale_head_update_(self._head_updates)
         self._head_updates = []
+        if self._step in self._fit_windows:
+            self._add_step_to_fit_statistic()
         self._set_step(self._step + 1)
+
+    def _add_step_to_fit_statistic(self) -> None:
+        """Sum this step's entropies over the ranks (every rank is at the same update) into the running statistic,
+        so the decision, and the state each rank saves, is the same on every rank."""
+        pending, self._fit_pending = self._fit_pending, None
+        device = pending.device if pending is not None else self._head_params[0].device
+        pending = pending if pending is not None else torch.zeros(2, dtype=torch.float64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(pending)
+        total, count = pending.tolist()
+        self._fit = [self._fit[0] + total, self._fit[1] + count]
 
     def _after_load(self, optimizer) -> None:
         self._begun_step = None
@@ -206,12 +279,18 @@ class RifleHandle:
             torch._foreach_mul_(grads, scale)
 
     def _resume_from_optimizer(self) -> None:
-        """Take the step from the optimizer's param groups where a loaded state put it; else record ours there."""
-        stored = next((group[STATE_KEY] for group in self._optimizer.param_groups if STATE_KEY in group), None)
+        """Take the state from the optimizer's param groups where a loaded state put it; else record ours there."""
+        stored = stored_state(self._optimizer)
         if stored is not None:
             check_same_run(stored, self.max_steps, self.num_periods, self.run_shape)
-            self._step = stored["step"]
+            self._load(stored)
         self._set_step(self._step)
+
+    def _load(self, state: dict) -> None:
+        self._fit = list(state.get("fit", [0.0, 0.0]))
+        self._fit_pending = None
+        self._decisions = {row[0]: FitDecision(*row) for row in state.get("decisions", [])}
+        self._set_step(state["step"])
 
     def _set_step(self, step: int) -> None:
         self._step = step
@@ -243,6 +322,7 @@ def attach(
     reinit_on_forward: bool = True,
     l2sp_reference: list[torch.Tensor] | None = None,
     run_shape: RunShape | None = None,
+    reinit_when: str = DEFAULT_REINIT_WHEN,
 ) -> RifleHandle:
     """Run the full RIFLE method in any training loop that calls `optimizer.step()`: head re-initialization at
     the start of periods 2..K, the head's cyclic cosine learning rate and, with `regularizer="l2sp"`, L2-SP.
@@ -288,9 +368,14 @@ def attach(
         >>> rifle.step, rifle.period, rifle.head_learning_rate  # the cosine of period 3 has reached 0
         (6, 3, 0.0)
     """
-    check_method_settings(num_periods, head_lr_schedule, head_init, head_init_std, regularizer, l2sp_alpha, l2sp_beta)
+    check_method_settings(
+        num_periods, head_lr_schedule, head_init, head_init_std, regularizer, l2sp_alpha, l2sp_beta, reinit_when
+    )
     period_starts(max_steps, num_periods)  # refuses more periods than steps now, not at a period boundary
     optimizer = base_optimizer(optimizer)
+    resumed = stored_state(optimizer)
+    if regularizer == "l2sp" and l2sp_reference is None and resumed is not None and resumed["step"] > 0:
+        raise ValueError(L2SP_AFTER_LOAD_REFUSED.format(step=resumed["step"]))
     _, head = find_head(model, head_module)
     head_params = _head_params_in(optimizer, head)
     has_head_groups = any(group.get(HEAD_GROUP_KEY) for group in optimizer.param_groups)
@@ -317,7 +402,18 @@ def attach(
         reference = snapshot(backbone) if l2sp_reference is None else l2sp_reference
         l2sp = (backbone, reference, head_trainable, l2sp_alpha, l2sp_beta)
     handle = RifleHandle(
-        model, optimizer, max_steps, num_periods, head_params, reinit, rescale_head, l2sp, reinit_on_forward, run_shape
+        model,
+        optimizer,
+        max_steps,
+        num_periods,
+        head_params,
+        reinit,
+        rescale_head,
+        l2sp,
+        reinit_on_forward,
+        run_shape,
+        reinit_when=reinit_when,
+        head=head,
     )
     handle.settings_warnings = _settings_warnings(optimizer, regularizer, reinit_head, num_periods, num_train_epochs)
     if _is_main_process():
@@ -335,6 +431,11 @@ def _settings_warnings(optimizer, regularizer: str, reinit_head: bool, num_perio
     if num_train_epochs is not None and (short := short_period_warning(num_train_epochs, num_periods, reinit_head)):
         warnings.append(short)
     return warnings
+
+
+def stored_state(optimizer: torch.optim.Optimizer) -> dict | None:
+    """RIFLE's state as a loaded (or earlier attached) optimizer state put it in the param groups, or None."""
+    return next((group[STATE_KEY] for group in optimizer.param_groups if STATE_KEY in group), None)
 
 
 def check_same_run(stored: dict, max_steps: int, num_periods: int, run_shape: RunShape | None = None) -> None:

@@ -15,7 +15,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from .attach import RifleHandle, attach
-from .config import METHOD_FIELDS, PAPER_WEIGHT_DECAY, check_method_settings, check_weight_decay, method_name
+from .config import (
+    DEFAULT_REINIT_WHEN,
+    METHOD_FIELDS,
+    PAPER_WEIGHT_DECAY,
+    check_method_settings,
+    check_weight_decay,
+    method_name,
+)
 from .heads import find_head
 from .optim import HEAD_GROUP_KEY
 from .preemption import JIT_CHECKPOINT_REFUSED
@@ -64,6 +71,8 @@ class RifleTrainerCallback(TrainerCallback):
     Args:
         num_periods: K, the number of equal periods of the run.
         reinit_head: re-initialize the head at each period start (False: RIFLE-B).
+        reinit_when: "always" (at every period start, the paper's Algorithm 1) or "fitted" (only once the head has
+            fit the training batches; see `hf_rifle.fit`).
         head_lr_schedule: "cyclic_cosine" (the method) or "trainer" (the head keeps the Trainer's: RIFLE-A).
         head_init: "default" (the modules' own `reset_parameters()`, as the authors' code) or "normal"
             (N(0, head_init_std^2) weights and zero bias, as Algorithm 1).
@@ -91,6 +100,7 @@ class RifleTrainerCallback(TrainerCallback):
         self,
         num_periods: int = 3,
         reinit_head: bool = True,
+        reinit_when: str = DEFAULT_REINIT_WHEN,
         head_lr_schedule: str = "cyclic_cosine",
         head_init: str = "default",
         head_init_std: float = 0.01,
@@ -102,10 +112,11 @@ class RifleTrainerCallback(TrainerCallback):
         seed: int | None = None,
     ):
         check_method_settings(
-            num_periods, head_lr_schedule, head_init, head_init_std, regularizer, l2sp_alpha, l2sp_beta
+            num_periods, head_lr_schedule, head_init, head_init_std, regularizer, l2sp_alpha, l2sp_beta, reinit_when
         )
         self.num_periods = num_periods
         self.reinit_head = reinit_head
+        self.reinit_when = reinit_when
         self.head_lr_schedule = head_lr_schedule
         self.head_init = head_init
         self.head_init_std = head_init_std
@@ -172,6 +183,12 @@ class RifleTrainerCallback(TrainerCallback):
         if logs is None or "loss" not in logs:  # training logs only, not evaluation metrics
             return
         values = {"head_learning_rate": self.handle.head_learning_rate, "rifle_period": self.handle.period}
+        if self.reinit_head:  # planned against done re-inits so far, and the fit statistic behind the latest
+            decisions = self.handle.decisions
+            values["rifle_reinits_planned"] = len(decisions)
+            values["rifle_reinits_done"] = sum(decision.redrawn for decision in decisions)
+            if decisions and decisions[-1].entropy_ratio is not None:
+                values["rifle_fit_entropy_ratio"] = decisions[-1].entropy_ratio
         if self.regularizer == "l2sp":
             values["l2sp_loss"] = self.handle.l2sp_loss
         add_to_training_log_(state, logs, values)

@@ -12,11 +12,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import RifleConfig
+from .fit import FITTED_ENTROPY_RATIO, FitDecision
 
 CARD_TEMPLATE_NAME = "rifle_image_classifier.md"
 PLOT_FILE = "learning_curve.png"
 NO_PLOT_NOTE = "No learning-curve plot: matplotlib was not installed (`pip install matplotlib` adds it to later runs)."
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
+REINIT_WHEN_TITLES = {
+    "always": "always: at every period start (the paper's Algorithm 1)",
+    "fitted": "fitted: at a period start only once the head has fit its training batches",
+}
 
 
 def final_metrics(log_history: list[dict]) -> dict[str, dict[str, float]]:
@@ -98,6 +103,7 @@ def render_model_card(
     max_steps: int,
     reinit_steps: list[int],
     *,
+    decisions: list[FitDecision] = (),
     repo_id: str,
     base_model: str | None = None,
     dataset: str | None = None,
@@ -111,7 +117,9 @@ def render_model_card(
 ) -> ModelCard:
     """A model card with `model-index` metadata that `huggingface_hub.ModelCard` parses back. A run that stopped
     before `max_steps` says so, with `trained_steps` and the reason `stopped_early`, above its results; the
-    `warnings` raised about its settings follow the settings, so a reader of the model on the Hub sees them too."""
+    `warnings` raised about its settings follow the settings, so a reader of the model on the Hub sees them too.
+    `decisions` (one per planned re-initialization reached) give the fit statistic and whether the head was re-drawn.
+    """
     metrics = final_metrics(log_history)
     eval_results = [
         EvalResult(
@@ -153,6 +161,18 @@ def render_model_card(
         no_plot_note=NO_PLOT_NOTE,
         settings=run_settings(args) + list(extra_settings or []),
         reinit_steps=", ".join(map(str, reinit_steps)) or "none",
+        reinit_when=args.reinit_when,
+        decisions=[
+            {
+                "step": decision.step,
+                "entropy_ratio": "not measured" if decision.entropy_ratio is None else f"{decision.entropy_ratio:.3f}",
+                "fit": "yes" if decision.fit else "no",
+                "decision": "re-drawn" if decision.redrawn else "kept (not fit yet)",
+            }
+            for decision in decisions
+        ],
+        reinits_done=sum(decision.redrawn for decision in decisions),
+        fitted_entropy_ratio=FITTED_ENTROPY_RATIO,
         max_steps=max_steps,
         trained_steps=max_steps if trained_steps is None else trained_steps,
         stopped_early=stopped_early,
@@ -169,6 +189,7 @@ def run_settings(args: RifleConfig) -> list[tuple[str, str]]:
         ("method", args.method),
         ("periods K", str(args.num_periods)),
         ("head re-initialization", head_init if args.reinit_head else "off"),
+        ("re-initialize when", REINIT_WHEN_TITLES[args.reinit_when] if args.reinit_head else "never"),
         (
             "head learning rate",
             "cyclic cosine, restarting every period"

@@ -10,16 +10,19 @@ from typing import Literal
 
 from transformers import SchedulerType, TrainingArguments
 
+from .fit import FITTED_ENTROPY_RATIO, REINIT_WHEN
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, JIT_CHECKPOINT_REFUSED, parse_signals
 
 HEAD_LR_SCHEDULES = ("cyclic_cosine", "trainer")
 HEAD_INITS = ("default", "normal")
 REGULARIZERS = ("l2", "l2sp")
 PAPER_WEIGHT_DECAY = 1e-4  # the authors' code: their "L2" is weight decay 1e-4
+DEFAULT_REINIT_WHEN = "always"
 # RIFLE's own settings: fields of `RifleConfig` and, same names and defaults, `RifleTrainerCallback`'s arguments.
 METHOD_FIELDS = (
     "num_periods",
     "reinit_head",
+    "reinit_when",
     "head_lr_schedule",
     "head_init",
     "head_init_std",
@@ -75,6 +78,14 @@ class RifleConfig(TrainingArguments):
     reinit_head: bool = field(
         default=True,
         metadata={"help": "Re-initialize the classification head at each period start (False = RIFLE-B)."},
+    )
+    reinit_when: Literal["always", "fitted"] = field(
+        default=DEFAULT_REINIT_WHEN,
+        metadata={
+            "help": "'always': re-draw the head at every period start (the paper's Algorithm 1); 'fitted': only "
+            "once it has fit, i.e. its predictions on the period's last training batches have at most "
+            f"{FITTED_ENTROPY_RATIO} of a uniform guess's entropy; otherwise keep it (logged at WARNING)."
+        },
     )
     head_lr_schedule: Literal["cyclic_cosine", "trainer"] = field(
         default="cyclic_cosine",
@@ -155,9 +166,11 @@ def check_method_settings(
     regularizer: str,
     l2sp_alpha: float,
     l2sp_beta: float,
+    reinit_when: str = DEFAULT_REINIT_WHEN,
     **flags,
 ) -> None:
-    """One check of RIFLE's settings for `RifleConfig` and `RifleTrainerCallback`; errors name the fix."""
+    """One check of RIFLE's settings for `RifleConfig`, `RifleTrainerCallback` and `attach`; errors name the fix."""
+    _check_choice("reinit_when", reinit_when, REINIT_WHEN)
     _check_choice("head_lr_schedule", head_lr_schedule, HEAD_LR_SCHEDULES)
     _check_choice("head_init", head_init, HEAD_INITS)
     _check_choice("regularizer", regularizer, REGULARIZERS)

@@ -22,6 +22,7 @@ from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback
 from .card import PLOT_FILE, plot_learning_curve, render_model_card
 from .checkpoints import STAGING_DIR, check_resumable, finalize_checkpoint_, newest_complete_checkpoint
 from .config import RifleConfig
+from .fit import FitDecision
 from .heads import find_head
 from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_param_groups_
 from .preemption import PreemptionCallback, parse_signals
@@ -177,8 +178,14 @@ class RifleTrainer(Trainer):
         )
 
     def reinit_steps(self) -> list[int]:
-        """Optimizer steps at which this run re-initializes (or re-initialized) the head."""
+        """Optimizer steps at which this run plans to re-initialize the head; with `reinit_when="fitted"`,
+        `reinit_decisions()` says which went ahead."""
         return reinit_steps(self.state.max_steps, self.args.num_periods) if self.args.reinit_head else []
+
+    def reinit_decisions(self) -> list[FitDecision]:
+        """One `FitDecision` per planned re-initialization reached so far: the fit statistic and whether the head
+        was re-drawn."""
+        return self.rifle.handle.decisions if self.rifle.handle is not None else []
 
     def stopped_early(self) -> str | None:
         """Why training ended before its schedule did (`max_steps`), or None when it ran to the end."""
@@ -207,7 +214,8 @@ class RifleTrainer(Trainer):
             return
         output_dir = Path(self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        reinits = [step for step in self.reinit_steps() if step < self.state.global_step]  # those that happened
+        decisions = self.reinit_decisions()
+        reinits = [decision.step for decision in decisions if decision.redrawn]
         plot = plot_learning_curve(self.state.log_history, reinits, output_dir / PLOT_FILE)
         config = self.model.config
         card = render_model_card(
@@ -215,6 +223,7 @@ class RifleTrainer(Trainer):
             self.state.log_history,
             self.state.max_steps,
             reinits,
+            decisions=decisions,
             repo_id=self.hub_model_id or self.args.hub_model_id or model_name or output_dir.name,
             base_model=finetuned_from or getattr(config, "_name_or_path", None),
             dataset=dataset[0] if isinstance(dataset, list) else dataset,

@@ -402,8 +402,9 @@ METHODS: dict[str, dict[str, dict]] = {
     "stochastic_depth": _method(stochastic_depth=0.5),
     "cyclic_lr": _method(cyclic_lr_settings(3)),
     "disturb_label": _method(disturb_label=0.1),
-    "rifle": _method({}),
-    "rifle_a": _method({"head_lr_schedule": "trainer"}),
+    "rifle": _method({"reinit_when": "always"}),
+    "rifle_a": _method({"head_lr_schedule": "trainer", "reinit_when": "always"}),
+    "rifle_fitted": _method({"reinit_when": "fitted"}),  # not the paper's: a re-init only once the head has fit
     "rifle_b": _method({"reinit_head": False}),
 }
 

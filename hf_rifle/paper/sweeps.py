@@ -59,6 +59,7 @@ METHOD_TITLES = {
     "rifle": "RIFLE",
     "rifle_a": "RIFLE-A",
     "rifle_b": "RIFLE-B",
+    "rifle_fitted": "RIFLE (fitted)",
 }
 REGULARIZER_TITLES = {"l2": "L2", "l2sp": "L2-SP"}
 RECIPE_FLAGS_HELP = (
