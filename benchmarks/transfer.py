@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from hf_rifle.paper import sweeps
+from hf_rifle.paper.baselines import METHODS as ALL_METHODS
 
 METHODS = ("original", "rifle")
 SETTINGS = {  # name -> recipe flags selecting the data
@@ -38,6 +39,13 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=["sklearn-10"], choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--num_periods", type=int, default=3)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(ALL_METHODS),
+        help="original and RIFLE as the paper runs it; rifle_fitted re-draws the head only once it has fit",
+    )
     parser.add_argument("--regularizers", nargs="+", default=["l2", "l2sp"], choices=["l2", "l2sp"])
     parser.add_argument(
         "--epochs", type=int, default=40, help="the paper's 40: shorter runs leave RIFLE's head unconverged"
@@ -81,7 +89,7 @@ def main(argv=None):
     output = Path(args.output or Path("benchmarks/results") / f"transfer-{all_settings}.json")
     earlier = json.loads(output.read_text())["results"] if output.is_file() else {}
     for name in args.settings:
-        requested = {(method, r, seed) for method in METHODS for r in args.regularizers for seed in args.seeds}
+        requested = {(method, r, seed) for method in args.methods for r in args.regularizers for seed in args.seeds}
         earlier_runs = earlier.get(name, {}).get("runs", [])
         if args.rerun:
             earlier_runs = [run for run in earlier_runs if run_key(run) not in requested]
@@ -92,9 +100,12 @@ def main(argv=None):
             sweeps.main(
                 [
                     "--methods",
-                    *METHODS,
+                    *args.methods,
                     "--seeds",
-                    *map(str, sorted({*missing_seeds, *seeds_run_here(sweep_dir, args.seeds, args.regularizers)})),
+                    *map(
+                        str,
+                        sorted({*missing_seeds, *seeds_run_here(sweep_dir, args.seeds, args.regularizers, args.methods)}),
+                    ),
                     "--regularizers",
                     *args.regularizers,
                     "--sweep_dir",
@@ -121,7 +132,7 @@ def sweep_name(setting: str, resolution: int, epochs: int, num_periods: int) -> 
     return f"{setting}-{resolution}px-{epochs}ep{periods}"
 
 
-def seeds_run_here(sweep_dir: Path, seeds: list[int], regularizers: list[str]) -> list[int]:
+def seeds_run_here(sweep_dir: Path, seeds: list[int], regularizers: list[str], methods=METHODS) -> list[int]:
     """Requested seeds whose runs all finished in sweep_dir on this machine: handed to the sweep with the missing
     ones, which reuses them, so its figures (Figure 2 over seeds) cover every seed at hand, not only the new."""
     return [
@@ -129,7 +140,7 @@ def seeds_run_here(sweep_dir: Path, seeds: list[int], regularizers: list[str]) -
         for seed in seeds
         if all(
             (sweeps.run_folder(sweep_dir, method, regularizer, seed) / "all_results.json").is_file()
-            for method in METHODS
+            for method in methods
             for regularizer in regularizers
         )
     ]

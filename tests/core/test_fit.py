@@ -1,0 +1,181 @@
+"""`reinit_when`: the fit test's arithmetic and statistic, and real training in a plain loop with `attach`: a head
+that cannot fit is kept under "fitted" and re-drawn under "always", a head that fits is re-drawn under both, and a
+run resumed before, at or after a decision ends on the uninterrupted run's weights bit for bit."""
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from hf_rifle import RifleConfig, RifleTrainerCallback, reinit_head_at_period_start_
+from hf_rifle.attach import STATE_KEY, attach
+from hf_rifle.fit import FITTED_ENTROPY_RATIO, FitDecision, decide_redraw, fit_windows, prediction_entropy_ratios
+
+CLASSES, FEATURES, BATCH, MAX_STEPS = 4, 48, 16, 30  # K = 3: planned re-inits at steps 10 and 20
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU())
+        self.fc = nn.Linear(32, CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def batch(step: int, signal: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh inputs every step, so nothing can be memorized; with `signal` 0 the labels are independent of them."""
+    generator = torch.Generator().manual_seed(step)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+    inputs = torch.randn(BATCH, FEATURES, generator=generator)
+    inputs[torch.arange(BATCH), labels] += signal
+    return inputs, labels
+
+
+def run(reinit_when: str, signal: float, steps=range(MAX_STEPS), state=None):
+    """Train from scratch, or from `state` (model and optimizer state dicts, attach called before loading them)."""
+    model = TinyClassifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rifle = attach(model, optimizer, MAX_STEPS, reinit_when=reinit_when)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    for step in steps:
+        inputs, labels = batch(step, signal)
+        nn.functional.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer, rifle
+
+
+def saved(model, optimizer) -> dict:
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_the_fit_window_is_the_last_tenth_of_each_period_that_ends_in_a_reinit():
+    windows = fit_windows(100, 3)  # periods start at 0, 33, 66
+    assert sorted(step for step, reinit in windows.items() if reinit == 33) == [29, 30, 31, 32]
+    assert sorted(step for step, reinit in windows.items() if reinit == 66) == [62, 63, 64, 65]
+    assert fit_windows(9, 3) == {2: 3, 5: 6}  # at least the period's last step
+    assert fit_windows(9, 1) == {}
+
+
+def test_the_statistic_is_the_prediction_entropy_as_a_fraction_of_a_uniform_guesss():
+    uniform, confident = torch.zeros(2, 10), torch.tensor([[30.0] + [0.0] * 9])
+    torch.testing.assert_close(prediction_entropy_ratios(uniform), torch.ones(2))
+    assert prediction_entropy_ratios(confident).item() < 1e-9
+    two_of_four = torch.tensor([[0.0, 0.0, -torch.inf, -torch.inf]])  # entropy log 2 of log 4
+    torch.testing.assert_close(prediction_entropy_ratios(two_of_four.nan_to_num(neginf=-1e4)), torch.tensor([0.5]))
+    assert decide_redraw("always", None) and decide_redraw("always", 0.99)
+    assert decide_redraw("fitted", FITTED_ENTROPY_RATIO) and not decide_redraw("fitted", FITTED_ENTROPY_RATIO + 1e-6)
+    assert not decide_redraw("fitted", None)
+
+
+def test_a_head_that_cannot_fit_is_kept_under_fitted_and_redrawn_under_always(caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+        _, _, fitted = run("fitted", signal=0.0)
+    assert [(d.step, d.redrawn) for d in fitted.decisions] == [(10, False), (20, False)]
+    assert all(d.entropy_ratio > 0.9 for d in fitted.decisions)  # labels independent of the inputs: near uniform
+    kept = [r.getMessage() for r in caplog.records if "kept the head" in r.getMessage()]
+    assert len(kept) == 2 and kept[0].startswith("RIFLE: kept the head at step 10 of 30: it has not fit yet (")
+    assert f"{fitted.decisions[0].entropy_ratio:.2f} of a uniform guess's" in kept[0]
+
+    _, _, always = run("always", signal=0.0)
+    assert [(d.step, d.redrawn) for d in always.decisions] == [(10, True), (20, True)]
+    assert always.decisions[0].entropy_ratio == fitted.decisions[0].entropy_ratio  # the same run up to the decision
+
+
+def test_a_head_that_fits_within_a_few_steps_is_redrawn_at_the_planned_steps_under_both():
+    always_model, _, always = run("always", signal=8.0)
+    fitted_model, _, fitted = run("fitted", signal=8.0)
+    assert [(d.step, d.redrawn) for d in fitted.decisions] == [(10, True), (20, True)]
+    assert all(d.entropy_ratio < FITTED_ENTROPY_RATIO for d in fitted.decisions)
+    assert always.decisions == fitted.decisions
+    for a, b in zip(always_model.parameters(), fitted_model.parameters()):
+        assert torch.equal(a, b)  # the same run, bit for bit
+
+
+def test_always_is_the_papers_schedule_bit_for_bit_whatever_the_statistic():
+    """With the statistic's hook removed (reinit_head=False gives none), the re-draws at 10 and 20 by hand give the
+    same weights as reinit_when="always"."""
+    model, _, _ = run("always", signal=0.0)
+    plain = TinyClassifier()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    attach(plain, optimizer, MAX_STEPS, reinit_head=False)
+    for step in range(MAX_STEPS):
+        reinit_head_at_period_start_(plain, optimizer, step, MAX_STEPS, 3, seed=0)
+        inputs, labels = batch(step, 0.0)
+        nn.functional.cross_entropy(plain(inputs), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stop", [9, 10, 11, 20], ids=["in-the-window", "at-a-decision", "after-it", "at-the-second"])
+def test_a_run_resumed_across_a_decision_ends_on_the_uninterrupted_runs_weights(stop):
+    """Signal 4: the head has not fit at step 10 (kept) and has at step 20 (re-drawn)."""
+    full_model, _, full = run("fitted", signal=4.0)
+    assert [d.redrawn for d in full.decisions] == [False, True]
+    first_model, first_optimizer, _ = run("fitted", signal=4.0, steps=range(stop))
+    state = saved(first_model, first_optimizer)
+    assert "fit" in state["optimizer"]["param_groups"][0][STATE_KEY]
+    model, _, resumed = run("fitted", signal=4.0, steps=range(stop, MAX_STEPS), state=state)
+    assert resumed.decisions == full.decisions
+    for a, b in zip(model.parameters(), full_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_decisions_travel_in_the_handles_state_dict():
+    _, _, rifle = run("fitted", signal=0.0)
+    model = TinyClassifier()
+    handle = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), MAX_STEPS, reinit_when="fitted")
+    handle.load_state_dict(copy.deepcopy(rifle.state_dict()))
+    assert handle.decisions == rifle.decisions and handle.step == MAX_STEPS
+
+
+def test_reinit_when_is_checked_on_every_path():
+    model = TinyClassifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for make in (
+        lambda: attach(model, optimizer, MAX_STEPS, reinit_when="sometimes"),
+        lambda: RifleTrainerCallback(reinit_when="sometimes"),
+        lambda: RifleConfig(output_dir="out", reinit_when="sometimes"),
+    ):
+        with pytest.raises(ValueError, match=r"Unknown reinit_when='sometimes': choose one of 'always', 'fitted'"):
+            make()
+
+
+def test_l2sp_attached_after_a_checkpoint_was_loaded_is_refused_naming_both_ways_out():
+    trained, optimizer, _ = run("always", signal=8.0, steps=range(12))
+    state = saved(trained, optimizer)
+    model = TinyClassifier()
+    late = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.load_state_dict(state["model"])
+    late.load_state_dict(state["optimizer"])
+    with pytest.raises(ValueError, match="RIFLE step 12") as refusal:
+        attach(model, late, MAX_STEPS, regularizer="l2sp")
+    assert "Call attach before loading the checkpoint" in str(refusal.value)
+    assert "l2sp_reference=" in str(refusal.value)
+    reference = [p.detach().clone() for name, p in TinyClassifier().named_parameters() if not name.startswith("fc")]
+    assert attach(model, late, MAX_STEPS, regularizer="l2sp", l2sp_reference=reference).step == 12
+
+
+def test_a_decision_reads_as_the_numbers_behind_it():
+    kept = FitDecision(step=80, period=2, entropy_ratio=0.93, redrawn=False)
+    assert kept.describe(240, 3, "fitted") == (
+        "kept the head at step 80 of 240: it has not fit yet (its predictions' entropy on the last 10% of the "
+        f"period's training batches was 0.93 of a uniform guess's; fit means at most {FITTED_ENTROPY_RATIO:.2f})."
+    )
+    forced = FitDecision(step=80, period=2, entropy_ratio=0.93, redrawn=True)
+    assert forced.describe(240, 3, "always", "fc").endswith("reinit_when='fitted' would have kept it.")
+    unmeasured = FitDecision(step=80, period=2, entropy_ratio=None, redrawn=False)
+    assert not unmeasured.fit and "no training forward of the head was seen" in unmeasured.describe(240, 3, "fitted")
