@@ -154,3 +154,29 @@ def tiny_run_settings(output_dir, **overrides) -> dict:
         dataloader_num_workers=0,
     )
     return {**settings, **overrides}
+
+
+FIT_CLASSES, FIT_FEATURES, FIT_BATCH = 4, 48, 16
+
+
+class TinyClassifier(torch.nn.Module):
+    """A two-layer classifier with an `fc` head that trains in milliseconds, for the fit test of `reinit_when`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Linear(FIT_FEATURES, 32), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(32, FIT_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def fit_batch(step: int, signal: float, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s batch (this rank's share of it): fresh inputs every step, so nothing can be memorized; the
+    label's input feature is raised by `signal`, so with 0 the labels are independent of the inputs."""
+    generator = torch.Generator().manual_seed(step)
+    labels = torch.randint(0, FIT_CLASSES, (FIT_BATCH,), generator=generator)
+    inputs = torch.randn(FIT_BATCH, FIT_FEATURES, generator=generator)
+    inputs[torch.arange(FIT_BATCH), labels] += signal
+    return inputs[rank::world_size], labels[rank::world_size]

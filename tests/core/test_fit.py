@@ -14,27 +14,9 @@ from hf_rifle import RifleConfig, RifleTrainerCallback, reinit_head_at_period_st
 from hf_rifle.attach import STATE_KEY, attach
 from hf_rifle.fit import FITTED_ENTROPY_RATIO, FitDecision, decide_redraw, fit_windows, prediction_entropy_ratios
 
-CLASSES, FEATURES, BATCH, MAX_STEPS = 4, 48, 16, 30  # K = 3: planned re-inits at steps 10 and 20
+from ..helpers import TinyClassifier, fit_batch
 
-
-class TinyClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU())
-        self.fc = nn.Linear(32, CLASSES)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
-
-
-def batch(step: int, signal: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh inputs every step, so nothing can be memorized; with `signal` 0 the labels are independent of them."""
-    generator = torch.Generator().manual_seed(step)
-    labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
-    inputs = torch.randn(BATCH, FEATURES, generator=generator)
-    inputs[torch.arange(BATCH), labels] += signal
-    return inputs, labels
+MAX_STEPS = 30  # K = 3: planned re-inits at steps 10 and 20
 
 
 def run(reinit_when: str, signal: float, steps=range(MAX_STEPS), state=None):
@@ -46,7 +28,7 @@ def run(reinit_when: str, signal: float, steps=range(MAX_STEPS), state=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     for step in steps:
-        inputs, labels = batch(step, signal)
+        inputs, labels = fit_batch(step, signal)
         nn.functional.cross_entropy(model(inputs), labels).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -112,7 +94,7 @@ def test_always_is_the_papers_schedule_bit_for_bit_whatever_the_statistic():
     attach(plain, optimizer, MAX_STEPS, reinit_head=False)
     for step in range(MAX_STEPS):
         reinit_head_at_period_start_(plain, optimizer, step, MAX_STEPS, 3, seed=0)
-        inputs, labels = batch(step, 0.0)
+        inputs, labels = fit_batch(step, 0.0)
         nn.functional.cross_entropy(plain(inputs), labels).backward()
         optimizer.step()
         optimizer.zero_grad()
