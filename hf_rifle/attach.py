@@ -12,8 +12,9 @@ timm's `NativeScaler`:
 - at the first forward in training mode of a step that starts a period: the head is re-drawn (with
   `reinit_when="fitted"`, only if it has fit: `hf_rifle.fit`). Not after the last update of a period, since loops
   evaluate and save checkpoints in between, which must see the trained head;
-- after the head's forward in training mode, in the last tenth of a period that ends in a re-init: the entropy of its
-  predictions is added up, and summed over ranks after each of those updates, so every rank decides alike.
+- after the head's forward in training mode, in the last tenth of a period that ends in a re-init: its top-class
+  loss (the fit test's statistic) is added up, and summed over ranks after each of those updates, so every rank
+  decides alike.
 
 The step counter, the fit statistic and the decisions travel in the optimizer's param groups, so
 `optimizer.state_dict()` / `load_state_dict()`, which every loop already saves and loads, resume the periods and
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_REINIT_WHEN, check_method_settings
-from .fit import FitDecision, decide_redraw, fit_windows, prediction_entropy_ratios
+from .fit import FitDecision, decide_redraw, fit_windows, top_class_loss_ratios
 from .functional import HeadReinit, reinit_head_at_period_start_
 from .heads import find_head
 from .optim import (
@@ -53,8 +54,8 @@ from .schedule import (
 logger = logging.getLogger(__name__)
 
 # In every param group, saved with the optimizer: {"step", "max_steps", "num_periods", "run_shape", "fit",
-# "decisions"}: "fit" is the fit test's running [sum, count] of entropy ratios (over ranks) before the next re-init,
-# "decisions" a [step, period, entropy ratio, redrawn] row per planned re-init so far.
+# "decisions"}: "fit" is the fit test's running [sum, count] of top-class loss ratios (over ranks) before the next
+# re-init, "decisions" a [step, period, loss ratio, head age, redrawn] row per planned re-init so far.
 STATE_KEY = "rifle_attach"
 L2SP_AFTER_LOAD_REFUSED = (
     "attach(..., regularizer='l2sp') after a checkpoint was loaded: the optimizer's state is at RIFLE step {step}, so "
@@ -113,7 +114,7 @@ class RifleHandle:
         self._begun_step = None  # the last step whose start was handled (re-initialization checked)
         self._reinit_steps = reinit_steps(max_steps, num_periods) if reinit is not None else []
         self._fit_windows = fit_windows(max_steps, num_periods) if reinit is not None else {}
-        self._fit = [0.0, 0.0]  # the fit test's [sum, count] of entropy ratios, over ranks, since the last re-init
+        self._fit = [0.0, 0.0]  # the fit test's [sum, count] of loss ratios, over ranks, since the last decision
         self._fit_pending = None  # this rank's [sum, count] for the current step, a tensor on the head's device
         self._decisions: dict[int, FitDecision] = {}
         self._resume_from_optimizer()  # before any hook: a refused state leaves nothing attached
@@ -173,7 +174,7 @@ class RifleHandle:
             decision = self._decide(step)
         done = self._reinit(step=step) if decision.redrawn else None
         if first_time and _is_main_process():
-            text = decision.describe(self.max_steps, self.num_periods, self.reinit_when, done and done.head_name)
+            text = decision.describe(self.num_periods, self.reinit_when, done and done.head_name)
             logger.warning("RIFLE: %s", text)
         return done
 
@@ -182,7 +183,10 @@ class RifleHandle:
         total, count = self._fit
         ratio = total / count if count else None
         period = self._reinit_steps.index(step) + 2
-        decision = FitDecision(step, period, ratio, decide_redraw(self.reinit_when, ratio))
+        drawn_at = max((d.step for d in self._decisions.values() if d.redrawn and d.step < step), default=0)
+        age, steps_left = step - drawn_at, self.max_steps - step
+        redraw = decide_redraw(self.reinit_when, ratio, age, steps_left)
+        decision = FitDecision(step, period, ratio, age, self.max_steps, redraw)
         self._decisions[step] = decision
         self._fit = [0.0, 0.0]
         self._set_step(step)
@@ -196,7 +200,7 @@ class RifleHandle:
             "num_periods": self.num_periods,
             "run_shape": shape,
             "fit": list(self._fit),
-            "decisions": [[d.step, d.period, d.entropy_ratio, d.redrawn] for d in self.decisions],
+            "decisions": [[d.step, d.period, d.loss_ratio, d.head_age, d.redrawn] for d in self.decisions],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -224,13 +228,13 @@ class RifleHandle:
             self.begin_step(self._step)
 
     def _after_head_forward(self, module: nn.Module, args, output) -> None:
-        """In a fit window, add this training batch's prediction entropies to the step's running sum."""
+        """In a fit window, add this training batch's top-class losses to the step's running sum."""
         if self._step not in self._fit_windows or not (module.training and torch.is_grad_enabled()):
             return
         logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
         if logits is None or logits.shape[-1] < 2:
             return
-        ratios = prediction_entropy_ratios(logits)
+        ratios = top_class_loss_ratios(logits)
         batch = torch.stack([ratios.double().sum(), torch.tensor(float(ratios.numel()), device=ratios.device)])
         self._fit_pending = batch if self._fit_pending is None else self._fit_pending + batch
 
@@ -250,7 +254,7 @@ class RifleHandle:
         self._set_step(self._step + 1)
 
     def _add_step_to_fit_statistic(self) -> None:
-        """Sum this step's entropies over the ranks (every rank is at the same update) into the running statistic,
+        """Sum this step's losses over the ranks (every rank is at the same update) into the running statistic,
         so the decision, and the state each rank saves, is the same on every rank."""
         pending, self._fit_pending = self._fit_pending, None
         device = pending.device if pending is not None else self._head_params[0].device
@@ -289,7 +293,10 @@ class RifleHandle:
     def _load(self, state: dict) -> None:
         self._fit = list(state.get("fit", [0.0, 0.0]))
         self._fit_pending = None
-        self._decisions = {row[0]: FitDecision(*row) for row in state.get("decisions", [])}
+        self._decisions = {
+            step: FitDecision(step, period, ratio, age, self.max_steps, redrawn)
+            for step, period, ratio, age, redrawn in state.get("decisions", [])
+        }
         self._set_step(state["step"])
 
     def _set_step(self, step: int) -> None:

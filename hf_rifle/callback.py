@@ -187,8 +187,8 @@ class RifleTrainerCallback(TrainerCallback):
             decisions = self.handle.decisions
             values["rifle_reinits_planned"] = len(decisions)
             values["rifle_reinits_done"] = sum(decision.redrawn for decision in decisions)
-            if decisions and decisions[-1].entropy_ratio is not None:
-                values["rifle_fit_entropy_ratio"] = decisions[-1].entropy_ratio
+            if decisions and decisions[-1].loss_ratio is not None:
+                values["rifle_fit_loss_ratio"] = decisions[-1].loss_ratio
         if self.regularizer == "l2sp":
             values["l2sp_loss"] = self.handle.l2sp_loss
         add_to_training_log_(state, logs, values)

@@ -12,7 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import RifleConfig
-from .fit import FITTED_ENTROPY_RATIO, FitDecision
+from .fit import FITTED_LOSS_RATIO, FitDecision
 
 CARD_TEMPLATE_NAME = "rifle_image_classifier.md"
 PLOT_FILE = "learning_curve.png"
@@ -165,14 +165,15 @@ def render_model_card(
         decisions=[
             {
                 "step": decision.step,
-                "entropy_ratio": "not measured" if decision.entropy_ratio is None else f"{decision.entropy_ratio:.3f}",
+                "loss_ratio": "not measured" if decision.loss_ratio is None else f"{decision.loss_ratio:.3f}",
                 "fit": "yes" if decision.fit else "no",
-                "decision": "re-drawn" if decision.redrawn else "kept (not fit yet)",
+                "head_age": decision.head_age,
+                "decision": "re-drawn" if decision.redrawn else "kept",
             }
             for decision in decisions
         ],
         reinits_done=sum(decision.redrawn for decision in decisions),
-        fitted_entropy_ratio=FITTED_ENTROPY_RATIO,
+        fitted_loss_ratio=FITTED_LOSS_RATIO,
         max_steps=max_steps,
         trained_steps=max_steps if trained_steps is None else trained_steps,
         stopped_early=stopped_early,

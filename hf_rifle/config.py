@@ -10,7 +10,7 @@ from typing import Literal
 
 from transformers import SchedulerType, TrainingArguments
 
-from .fit import FITTED_ENTROPY_RATIO, REINIT_WHEN
+from .fit import FITTED_LOSS_RATIO, REINIT_WHEN
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, JIT_CHECKPOINT_REFUSED, parse_signals
 
 HEAD_LR_SCHEDULES = ("cyclic_cosine", "trainer")
@@ -83,8 +83,9 @@ class RifleConfig(TrainingArguments):
         default=DEFAULT_REINIT_WHEN,
         metadata={
             "help": "'always': re-draw the head at every period start (the paper's Algorithm 1); 'fitted': only "
-            "once it has fit, i.e. its predictions on the period's last training batches have at most "
-            f"{FITTED_ENTROPY_RATIO} of a uniform guess's entropy; otherwise keep it (logged at WARNING)."
+            "once it has fit (its top-class loss on the period's last training batches at most "
+            f"{FITTED_LOSS_RATIO} of a uniform guess's) and a new head has at least as many steps left as this one "
+            "has had; otherwise keep it (logged at WARNING)."
         },
     )
     head_lr_schedule: Literal["cyclic_cosine", "trainer"] = field(

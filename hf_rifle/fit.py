@@ -6,12 +6,16 @@ re-drawing it throws away a head that was still learning: our grid and timm's tr
 lost 3 to 31 points that way (docs/benchmarks.md). So the premise is measured at each planned re-init instead of
 assumed, as ReDo and continual backprop reset units on a measured statistic rather than on a clock.
 
-The statistic is the entropy of the head's predictions on the training batches of the last tenth of the period,
-as a fraction of a uniform guess's (log of the number of classes): 1 for a head that has learnt nothing, near 0 for
-one that predicts its training batches confidently. It needs no labels, so every path computes it the same way from
-the head's own output, `attach` included; on training batches a head trained by cross-entropy is about as
-uncertain as its loss says (measured beside the loss: docs/benchmarks.md, "Re-draw only a fitted head"). The
-threshold `FITTED_ENTROPY_RATIO` was chosen on recorded runs and judged on fresh seeds, both named there.
+The statistic is the head's *top-class loss* on the training batches of the last tenth of the period: -log of the
+probability of its top class, the cross-entropy its predictions would have if each top class were the label, as a
+fraction of a uniform guess's (log of the number of classes). It needs no labels, so every path computes it the same
+way from the head's own output, `attach` included; on the batches of a head that has fit, whose top class is the
+label, it is the training loss (over log C). 1 for a head that has learnt nothing, near 0 for a confident one.
+
+A head that has fit is re-drawn only if the new one gets at least as many steps before the run ends as this one has
+had (its age, from its own draw): a head that took the whole run so far to fit is not replaced by one with less time.
+The threshold `FITTED_LOSS_RATIO` was chosen on recorded runs and judged on fresh seeds, both named in
+docs/benchmarks.md ("Re-draw only a fitted head").
 """
 
 import math
@@ -24,51 +28,64 @@ from .schedule import period_starts
 REINIT_WHEN = ("always", "fitted")
 # The share of each period, at its end, over which the statistic is averaged (at least one optimizer step).
 FIT_WINDOW_FRACTION = 0.1
-# docs/benchmarks.md, "Re-draw only a fitted head": the head counts as fit when its training predictions' entropy is
-# at most this fraction of a uniform guess's. Chosen on seeds 1-5 of the grid; judged on fresh seeds.
-FITTED_ENTROPY_RATIO = 0.35
+# docs/benchmarks.md, "Re-draw only a fitted head": a head has fit when its top-class loss on the period's last
+# training batches is at most this fraction of a uniform guess's.
+FITTED_LOSS_RATIO = 0.25
 
 
 @dataclass(frozen=True)
 class FitDecision:
-    """What happened at one planned re-initialization: at optimizer `step` (the start of `period`, from 1), the
-    head's prediction entropy over the window before it as a fraction of a uniform guess's (`entropy_ratio`; None
-    when no training forward of the head was seen there), and whether the head was re-drawn."""
+    """What happened at one planned re-initialization: at optimizer `step` (the start of `period`, from 1) of
+    `max_steps`, the head's top-class loss ratio over the window before it (`loss_ratio`; None when no training
+    forward of the head was seen there), the steps since the head was drawn (`head_age`), and whether it was
+    re-drawn."""
 
     step: int
     period: int
-    entropy_ratio: float | None
+    loss_ratio: float | None
+    head_age: int
+    max_steps: int
     redrawn: bool
 
     @property
     def fit(self) -> bool:
-        return self.entropy_ratio is not None and self.entropy_ratio <= FITTED_ENTROPY_RATIO
+        return self.loss_ratio is not None and self.loss_ratio <= FITTED_LOSS_RATIO
+
+    @property
+    def time_left(self) -> bool:
+        """A new head would get at least the steps this one has had."""
+        return self.max_steps - self.step >= self.head_age
 
     def measured(self) -> str:
         """The statistic against the threshold, in words."""
-        if self.entropy_ratio is None:
+        if self.loss_ratio is None:
             return "no training forward of the head was seen in the steps before it"
         return (
-            f"its predictions' entropy on the last {FIT_WINDOW_FRACTION:.0%} of the period's training batches was "
-            f"{self.entropy_ratio:.2f} of a uniform guess's; fit means at most {FITTED_ENTROPY_RATIO:.2f}"
+            f"its top-class loss on the last {FIT_WINDOW_FRACTION:.0%} of the period's training batches was "
+            f"{self.loss_ratio:.2f} of a uniform guess's; fit means at most {FITTED_LOSS_RATIO:.2f}"
         )
 
-    def describe(self, max_steps: int, num_periods: int, reinit_when: str, head_name: str | None = None) -> str:
+    def describe(self, num_periods: int, reinit_when: str, head_name: str | None = None) -> str:
         """The decision in words with the numbers behind it, as logged at WARNING."""
+        where = f"at step {self.step} of {self.max_steps}"
+        if not self.redrawn and not self.fit:
+            return f"kept the head {where}: it has not fit yet ({self.measured()})."
         if not self.redrawn:
-            return f"kept the head at step {self.step} of {max_steps}: it has not fit yet ({self.measured()})."
+            return (
+                f"kept the head {where}: it has fit ({self.measured()}), but took {self.head_age} steps, more than "
+                f"the {self.max_steps - self.step} a new head would have left."
+            )
         text = (
-            f"re-initialized the head {head_name!r} at step {self.step} of {max_steps} "
-            f"(period {self.period} of {num_periods}); {self.measured()}"
+            f"re-initialized the head {head_name!r} {where} (period {self.period} of {num_periods}); {self.measured()}"
         )
-        if reinit_when == "always" and not self.fit:
-            text += "; it had not fit, and reinit_when='fitted' would have kept it"
+        if reinit_when == "always" and not (self.fit and self.time_left):
+            text += "; reinit_when='fitted' would have kept it"
         return text + "."
 
     def short(self) -> str:
-        """One line for the console summary and the model card's table."""
-        ratio = "not measured" if self.entropy_ratio is None else f"{self.entropy_ratio:.2f}"
-        return f"step {self.step}: {'re-drawn' if self.redrawn else 'kept'} (entropy ratio {ratio})"
+        """One line for the console summary."""
+        ratio = "not measured" if self.loss_ratio is None else f"{self.loss_ratio:.2f}"
+        return f"step {self.step}: {'re-drawn' if self.redrawn else 'kept'} (top-class loss ratio {ratio})"
 
 
 def fit_windows(max_steps: int, num_periods: int) -> dict[int, int]:
@@ -83,15 +100,15 @@ def fit_windows(max_steps: int, num_periods: int) -> dict[int, int]:
 
 
 @torch.no_grad()
-def prediction_entropy_ratios(logits: torch.Tensor) -> torch.Tensor:
-    """Per example, the entropy of softmax(`logits`) over the last dimension divided by log(classes), in float32."""
+def top_class_loss_ratios(logits: torch.Tensor) -> torch.Tensor:
+    """Per example, -log of softmax(`logits`)'s largest probability divided by log(classes), in float32."""
     log_probs = torch.log_softmax(logits.detach().float(), dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return (entropy / math.log(logits.shape[-1])).reshape(-1)
+    return (-log_probs.amax(-1) / math.log(logits.shape[-1])).reshape(-1)
 
 
-def decide_redraw(reinit_when: str, entropy_ratio: float | None) -> bool:
-    """`"always"`: the paper's Algorithm 1. `"fitted"`: only a head shown to have fit (no statistic, no re-draw)."""
+def decide_redraw(reinit_when: str, loss_ratio: float | None, head_age: int, steps_left: int) -> bool:
+    """`"always"`: the paper's Algorithm 1. `"fitted"`: only a head shown to have fit (no statistic, no re-draw),
+    and only if a new head would get at least as many steps as this one has had."""
     if reinit_when == "always":
         return True
-    return entropy_ratio is not None and entropy_ratio <= FITTED_ENTROPY_RATIO
+    return loss_ratio is not None and loss_ratio <= FITTED_LOSS_RATIO and steps_left >= head_age

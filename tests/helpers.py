@@ -172,6 +172,12 @@ class TinyClassifier(torch.nn.Module):
         return self.fc(self.features(x))
 
 
+def learnable_then_random(step: int) -> float:
+    """A `fit_batch` signal for 30 steps in 3 periods: learnable labels in period 1, independent of the inputs after:
+    under reinit_when="fitted" the first head has fit at step 10 (re-drawn), the second has not at step 20 (kept)."""
+    return 8.0 if step < 10 else 0.0
+
+
 def fit_batch(step: int, signal: float, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Step `step`'s batch (this rank's share of it): fresh inputs every step, so nothing can be memorized; the
     label's input feature is raised by `signal`, so with 0 the labels are independent of the inputs."""

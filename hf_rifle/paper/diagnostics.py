@@ -5,7 +5,7 @@ every step of each epoch, and over seeds (`default_probe_layers`, `GradientNormC
 Figure 1: training and test accuracy per epoch of several runs, with the re-initializations marked
 (`plot_accuracy_curves`). And how far each backbone weight moved from its pretrained value
 (`weight_distance_from_pretrained`). Beside the gradient norms, the head's fit as `reinit_when="fitted"` measures it
-(its training predictions' entropy as a fraction of a uniform guess's), to choose and check that rule's threshold.
+(the head's top-class loss on its training batches over a uniform guess's), to choose and check its threshold.
 Measurements go into the Trainer's `log_history`, so they are saved in
 `trainer_state.json` with every checkpoint and read back by the plots.
 """
@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..fit import prediction_entropy_ratios
+from ..fit import top_class_loss_ratios
 from ..heads import find_head
 from .stages import residual_stages
 
 GRAD_NORM_PREFIX = "grad_norm/"
-HEAD_ENTROPY_KEY = "head_entropy_ratio"
+HEAD_FIT_KEY = "head_top_class_loss_ratio"
 
 
 def default_probe_layers(model: nn.Module) -> list[str]:
@@ -61,8 +61,8 @@ class GradientNormCallback(TrainerCallback):
     """Log the Frobenius norm of the gradient of each probed layer's weight, averaged over every optimizer step of
     each epoch (one step's reading swings with its batch), as one `log_history` entry per epoch:
     `{"epoch": e, "step": <first step of epoch e>, "grad_norm_steps": n, "grad_norm/<layer>": mean, ...}`, with
-    `head_entropy_ratio`: the mean over the epoch's training batches of the head's prediction entropy as a fraction of
-    a uniform guess's, the statistic of `reinit_when="fitted"`.
+    `head_top_class_loss_ratio`: the mean over the epoch's training batches of the head's top-class loss over a
+    uniform guess's, the statistic of `reinit_when="fitted"`.
 
     The gradient is read in `on_pre_optimizer_step`, where it is complete: accumulated over the gradient
     accumulation micro-batches, averaged over the ranks under DDP, unscaled under fp16 (the Trainer always
@@ -80,7 +80,7 @@ class GradientNormCallback(TrainerCallback):
     def __init__(self, layers: list[str] | None = None):
         self.layers = list(layers) if layers is not None else None
         self._resolved = None
-        self._entropy = [0.0, 0]  # this step's sum of the head's prediction entropy ratios, and their number
+        self._fit = [0.0, 0]  # this step's sum of the head's top-class loss ratios, and their number
         self._hook = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -97,8 +97,8 @@ class GradientNormCallback(TrainerCallback):
 
     def _head_forward(self, module, inputs, output) -> None:
         if module.training and torch.is_grad_enabled():
-            ratios = prediction_entropy_ratios(output if isinstance(output, torch.Tensor) else output.logits)
-            self._entropy = [self._entropy[0] + ratios.sum().item(), self._entropy[1] + ratios.numel()]
+            ratios = top_class_loss_ratios(output if isinstance(output, torch.Tensor) else output.logits)
+            self._fit = [self._fit[0] + ratios.sum().item(), self._fit[1] + ratios.numel()]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self._resolved is None:
@@ -108,9 +108,9 @@ class GradientNormCallback(TrainerCallback):
             grad = self._weight(model, layer).grad
             if grad is not None:  # frozen layers have no gradient to report
                 norms[f"{GRAD_NORM_PREFIX}{layer}"] = torch.linalg.vector_norm(grad.detach().float()).item()
-        if self._entropy[1]:
-            norms[HEAD_ENTROPY_KEY] = self._entropy[0] / self._entropy[1]
-            self._entropy = [0.0, 0]
+        if self._fit[1]:
+            norms[HEAD_FIT_KEY] = self._fit[0] / self._fit[1]
+            self._fit = [0.0, 0]
         if norms:
             add_to_epoch_mean_(state.log_history, float(math.floor(state.epoch or 0.0)), state.global_step, norms)
 

@@ -231,12 +231,30 @@ def timm_runs(tmp_path_factory, image_folders) -> dict[str, Run]:
         ]
 
     script = patched_copy(root / "script", TIMM)
+    fitted = with_reinit_when(patched_copy(root / "fitted-script", TIMM), "fitted")
     runs = finish(
         plain=start(PEER / TIMM, argv("plain"), root / "plain"),
         patched=start(script, argv("patched"), root / "patched"),
     )
+    runs |= finish(fitted=start(fitted, argv("fitted"), root / "fitted"))
     checkpoint = runs["patched"].output_dir / "checkpoint-1.pth.tar"
-    return {**runs, **finish(resumed=start(script, argv("resumed", "--resume", str(checkpoint)), root / "resumed"))}
+    fitted_checkpoint = runs["fitted"].output_dir / "checkpoint-1.pth.tar"
+    return {
+        **runs,
+        **finish(
+            resumed=start(script, argv("resumed", "--resume", str(checkpoint)), root / "resumed"),
+            fitted_resumed=start(fitted, argv("fitted_resumed", "--resume", str(fitted_checkpoint)), root / "fr"),
+        ),
+    }
+
+
+def with_reinit_when(script: Path, reinit_when: str) -> Path:
+    """The patched script's attach line with `reinit_when=...` added, as docs/any_loop.md shows it."""
+    text = script.read_text()
+    attach_line = "seed=args.seed, num_train_epochs=args.epochs)"
+    assert text.count(attach_line) == 1
+    script.write_text(text.replace(attach_line, attach_line[:-1] + f", reinit_when={reinit_when!r})"))
+    return script
 
 
 @runs_scripts
@@ -272,3 +290,27 @@ def test_timm_resume_continues_the_periods(timm_runs):
     assert before[7] != patched.updates[7]["head_before"]  # other batches in between: see the docstring
     last = torch.load(resumed.output_dir / "last.pth.tar", map_location="cpu", weights_only=False)
     assert {group[STATE_KEY]["step"] for group in last["optimizer"]["param_groups"]} == {UPDATES}
+
+
+KEPT_LINE = re.compile(
+    r"RIFLE: kept the head at step (\d+) of (\d+): it has not fit yet \(.* was ([\d.]+) of a uniform"
+)
+
+
+@runs_scripts
+def test_timm_with_reinit_when_fitted_keeps_a_head_that_cannot_fit_and_resumes_the_decisions(timm_runs):
+    """The images' labels are independent of their pixels, so the head cannot fit: with reinit_when="fitted" it is
+    kept at both planned updates (the patched run's "always" re-draws it there), the decisions travel in the
+    checkpoint's optimizer state, and the resumed run neither repeats the first nor takes the second otherwise."""
+    fitted, resumed, always = timm_runs["fitted"], timm_runs["fitted_resumed"], timm_runs["patched"]
+    assert fitted.reinits == [] and always.reinits == [4, 8]
+    kept = KEPT_LINE.findall(fitted.output)
+    assert [(int(step), int(total)) for step, total, _ in kept] == [(4, 12), (8, 12)]
+    assert all(float(ratio) > 0.8 for _, _, ratio in kept)
+    checkpoint = torch.load(fitted.output_dir / "checkpoint-1.pth.tar", map_location="cpu", weights_only=False)
+    (state,) = {json.dumps(group[STATE_KEY]["decisions"]) for group in checkpoint["optimizer"]["param_groups"]}
+    assert [(step, redrawn) for step, _, _, _, redrawn in json.loads(state)] == [(4, False)]
+    assert resumed.reinits == [] and [int(step) for step, _, _ in KEPT_LINE.findall(resumed.output)] == [8]
+    last = torch.load(resumed.output_dir / "last.pth.tar", map_location="cpu", weights_only=False)
+    decisions = last["optimizer"]["param_groups"][0][STATE_KEY]["decisions"]
+    assert [(step, redrawn) for step, _, _, _, redrawn in decisions] == [(4, False), (8, False)]

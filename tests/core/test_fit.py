@@ -12,15 +12,16 @@ from torch import nn
 
 from hf_rifle import RifleConfig, RifleTrainerCallback, reinit_head_at_period_start_
 from hf_rifle.attach import STATE_KEY, attach
-from hf_rifle.fit import FITTED_ENTROPY_RATIO, FitDecision, decide_redraw, fit_windows, prediction_entropy_ratios
+from hf_rifle.fit import FITTED_LOSS_RATIO, FitDecision, decide_redraw, fit_windows, top_class_loss_ratios
 
-from ..helpers import TinyClassifier, fit_batch
+from ..helpers import TinyClassifier, fit_batch, learnable_then_random
 
 MAX_STEPS = 30  # K = 3: planned re-inits at steps 10 and 20
 
 
-def run(reinit_when: str, signal: float, steps=range(MAX_STEPS), state=None):
-    """Train from scratch, or from `state` (model and optimizer state dicts, attach called before loading them)."""
+def run(reinit_when: str, signal, steps=range(MAX_STEPS), state=None):
+    """Train from scratch, or from `state` (model and optimizer state dicts, attach called before loading them).
+    `signal`: `fit_batch`'s, or a function of the step giving it."""
     model = TinyClassifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     rifle = attach(model, optimizer, MAX_STEPS, reinit_when=reinit_when)
@@ -28,7 +29,7 @@ def run(reinit_when: str, signal: float, steps=range(MAX_STEPS), state=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     for step in steps:
-        inputs, labels = fit_batch(step, signal)
+        inputs, labels = fit_batch(step, signal(step) if callable(signal) else signal)
         nn.functional.cross_entropy(model(inputs), labels).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -50,36 +51,45 @@ def test_the_fit_window_is_the_last_tenth_of_each_period_that_ends_in_a_reinit()
     assert fit_windows(9, 1) == {}
 
 
-def test_the_statistic_is_the_prediction_entropy_as_a_fraction_of_a_uniform_guesss():
+def test_the_statistic_is_the_top_class_loss_as_a_fraction_of_a_uniform_guesss():
     uniform, confident = torch.zeros(2, 10), torch.tensor([[30.0] + [0.0] * 9])
-    torch.testing.assert_close(prediction_entropy_ratios(uniform), torch.ones(2))
-    assert prediction_entropy_ratios(confident).item() < 1e-9
-    two_of_four = torch.tensor([[0.0, 0.0, -torch.inf, -torch.inf]])  # entropy log 2 of log 4
-    torch.testing.assert_close(prediction_entropy_ratios(two_of_four.nan_to_num(neginf=-1e4)), torch.tensor([0.5]))
-    assert decide_redraw("always", None) and decide_redraw("always", 0.99)
-    assert decide_redraw("fitted", FITTED_ENTROPY_RATIO) and not decide_redraw("fitted", FITTED_ENTROPY_RATIO + 1e-6)
-    assert not decide_redraw("fitted", None)
+    torch.testing.assert_close(top_class_loss_ratios(uniform), torch.ones(2))
+    assert top_class_loss_ratios(confident).item() < 1e-9
+    two_of_four = torch.tensor([[0.0, 0.0, -1e4, -1e4]])  # top class at 1/2: -log(1/2) of log 4
+    torch.testing.assert_close(top_class_loss_ratios(two_of_four), torch.tensor([0.5]))
+    # It is the cross-entropy when the top class is the label.
+    logits = torch.randn(8, 10)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, logits.argmax(-1), reduction="none")
+    torch.testing.assert_close(top_class_loss_ratios(logits), cross_entropy / torch.log(torch.tensor(10.0)))
+
+
+def test_fitted_redraws_a_head_that_has_fit_when_the_new_one_gets_as_many_steps_as_it_had():
+    assert decide_redraw("always", None, head_age=80, steps_left=10) and decide_redraw("always", 0.99, 80, 10)
+    assert decide_redraw("fitted", FITTED_LOSS_RATIO, head_age=80, steps_left=80)
+    assert not decide_redraw("fitted", FITTED_LOSS_RATIO + 1e-6, head_age=80, steps_left=160)
+    assert not decide_redraw("fitted", 0.0, head_age=160, steps_left=80)  # a kept head that needed 2 periods
+    assert not decide_redraw("fitted", None, head_age=80, steps_left=160)
 
 
 def test_a_head_that_cannot_fit_is_kept_under_fitted_and_redrawn_under_always(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
         _, _, fitted = run("fitted", signal=0.0)
     assert [(d.step, d.redrawn) for d in fitted.decisions] == [(10, False), (20, False)]
-    assert all(d.entropy_ratio > 0.9 for d in fitted.decisions)  # labels independent of the inputs: near uniform
+    assert all(d.loss_ratio > 0.6 for d in fitted.decisions)  # labels independent of the inputs: near uniform
     kept = [r.getMessage() for r in caplog.records if "kept the head" in r.getMessage()]
     assert len(kept) == 2 and kept[0].startswith("RIFLE: kept the head at step 10 of 30: it has not fit yet (")
-    assert f"{fitted.decisions[0].entropy_ratio:.2f} of a uniform guess's" in kept[0]
+    assert f"{fitted.decisions[0].loss_ratio:.2f} of a uniform guess's" in kept[0]
 
     _, _, always = run("always", signal=0.0)
     assert [(d.step, d.redrawn) for d in always.decisions] == [(10, True), (20, True)]
-    assert always.decisions[0].entropy_ratio == fitted.decisions[0].entropy_ratio  # the same run up to the decision
+    assert always.decisions[0].loss_ratio == fitted.decisions[0].loss_ratio  # the same run up to the decision
 
 
 def test_a_head_that_fits_within_a_few_steps_is_redrawn_at_the_planned_steps_under_both():
     always_model, _, always = run("always", signal=8.0)
     fitted_model, _, fitted = run("fitted", signal=8.0)
     assert [(d.step, d.redrawn) for d in fitted.decisions] == [(10, True), (20, True)]
-    assert all(d.entropy_ratio < FITTED_ENTROPY_RATIO for d in fitted.decisions)
+    assert all(d.loss_ratio < FITTED_LOSS_RATIO for d in fitted.decisions)
     assert always.decisions == fitted.decisions
     for a, b in zip(always_model.parameters(), fitted_model.parameters()):
         assert torch.equal(a, b)  # the same run, bit for bit
@@ -104,13 +114,12 @@ def test_always_is_the_papers_schedule_bit_for_bit_whatever_the_statistic():
 
 @pytest.mark.parametrize("stop", [9, 10, 11, 20], ids=["in-the-window", "at-a-decision", "after-it", "at-the-second"])
 def test_a_run_resumed_across_a_decision_ends_on_the_uninterrupted_runs_weights(stop):
-    """Signal 4: the head has not fit at step 10 (kept) and has at step 20 (re-drawn)."""
-    full_model, _, full = run("fitted", signal=4.0)
-    assert [d.redrawn for d in full.decisions] == [False, True]
-    first_model, first_optimizer, _ = run("fitted", signal=4.0, steps=range(stop))
+    full_model, _, full = run("fitted", signal=learnable_then_random)
+    assert [d.redrawn for d in full.decisions] == [True, False]
+    first_model, first_optimizer, _ = run("fitted", signal=learnable_then_random, steps=range(stop))
     state = saved(first_model, first_optimizer)
     assert "fit" in state["optimizer"]["param_groups"][0][STATE_KEY]
-    model, _, resumed = run("fitted", signal=4.0, steps=range(stop, MAX_STEPS), state=state)
+    model, _, resumed = run("fitted", signal=learnable_then_random, steps=range(stop, MAX_STEPS), state=state)
     assert resumed.decisions == full.decisions
     for a, b in zip(model.parameters(), full_model.parameters()):
         assert torch.equal(a, b)
@@ -152,12 +161,15 @@ def test_l2sp_attached_after_a_checkpoint_was_loaded_is_refused_naming_both_ways
 
 
 def test_a_decision_reads_as_the_numbers_behind_it():
-    kept = FitDecision(step=80, period=2, entropy_ratio=0.93, redrawn=False)
-    assert kept.describe(240, 3, "fitted") == (
-        "kept the head at step 80 of 240: it has not fit yet (its predictions' entropy on the last 10% of the "
-        f"period's training batches was 0.93 of a uniform guess's; fit means at most {FITTED_ENTROPY_RATIO:.2f})."
+    kept = FitDecision(step=80, period=2, loss_ratio=0.93, head_age=80, max_steps=240, redrawn=False)
+    assert kept.describe(3, "fitted") == (
+        "kept the head at step 80 of 240: it has not fit yet (its top-class loss on the last 10% of the period's "
+        f"training batches was 0.93 of a uniform guess's; fit means at most {FITTED_LOSS_RATIO:.2f})."
     )
-    forced = FitDecision(step=80, period=2, entropy_ratio=0.93, redrawn=True)
-    assert forced.describe(240, 3, "always", "fc").endswith("reinit_when='fitted' would have kept it.")
-    unmeasured = FitDecision(step=80, period=2, entropy_ratio=None, redrawn=False)
-    assert not unmeasured.fit and "no training forward of the head was seen" in unmeasured.describe(240, 3, "fitted")
+    late = FitDecision(step=160, period=3, loss_ratio=0.1, head_age=160, max_steps=240, redrawn=False)
+    assert late.describe(3, "fitted").endswith("but took 160 steps, more than the 80 a new head would have left.")
+    forced = FitDecision(step=80, period=2, loss_ratio=0.93, head_age=80, max_steps=240, redrawn=True)
+    assert forced.describe(3, "always", "fc").startswith("re-initialized the head 'fc' at step 80 of 240 (period 2 of")
+    assert forced.describe(3, "always", "fc").endswith("reinit_when='fitted' would have kept it.")
+    unmeasured = FitDecision(step=80, period=2, loss_ratio=None, head_age=80, max_steps=240, redrawn=False)
+    assert not unmeasured.fit and "no training forward of the head was seen" in unmeasured.describe(3, "fitted")

@@ -11,11 +11,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers
 
-from helpers import TinyClassifier, fit_batch  # noqa: E402
+from helpers import TinyClassifier, fit_batch, learnable_then_random  # noqa: E402
 
 from hf_rifle import attach  # noqa: E402
 
-MAX_STEPS, SIGNAL = 30, 4.0
+MAX_STEPS = 30
 
 
 def train(steps, state_file=None):
@@ -29,7 +29,7 @@ def train(steps, state_file=None):
     ddp = nn.parallel.DistributedDataParallel(model)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     for step in steps:
-        inputs, labels = fit_batch(step, SIGNAL, rank, world_size)
+        inputs, labels = fit_batch(step, learnable_then_random(step), rank, world_size)
         nn.functional.cross_entropy(ddp(inputs), labels).backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -11,7 +11,14 @@ import torch
 
 from hf_rifle import attach, reinit_steps
 
-from ..helpers import TinyClassifier, fit_batch, recipe_flags, save_timm_hub_folder, write_image_folders
+from ..helpers import (
+    TinyClassifier,
+    fit_batch,
+    learnable_then_random,
+    recipe_flags,
+    save_timm_hub_folder,
+    write_image_folders,
+)
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -81,8 +88,8 @@ FIT_WORKER = Path(__file__).with_name("fit_worker.py")
 
 def test_two_processes_decide_alike_and_a_resume_across_a_decision_ends_on_the_uninterrupted_runs_weights(tmp_path):
     """reinit_when="fitted" in a plain DDP loop: the fit statistic is summed over both ranks before each decision, so
-    both keep the head at step 10 and re-draw it at 20; resumed at step 10 from rank 0's checkpoint, both ranks end
-    on the uninterrupted run's weights bit for bit."""
+    both re-draw the head at step 10 and keep the new one at 20; resumed at step 10 from rank 0's checkpoint, both
+    ranks end on the uninterrupted run's weights bit for bit."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(FIT_WORKER), str(tmp_path), "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -90,18 +97,19 @@ def test_two_processes_decide_alike_and_a_resume_across_a_decision_ends_on_the_u
     assert finished.returncode == 0, finished.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     decisions = ranks[0]["full"]["decisions"]
-    assert [(step, redrawn) for step, _, _, redrawn in decisions] == [(10, False), (20, True)]
+    assert [(step, redrawn) for step, _, _, _, redrawn in decisions] == [(10, True), (20, False)]
     # Summed over the ranks: the statistic of one process on the whole batches, up to float rounding (a rank's own
     # half alone reads differently).
     model = TinyClassifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     one_process = attach(model, optimizer, 30, reinit_when="fitted")
     for step in range(30):
-        torch.nn.functional.cross_entropy(model(fit_batch(step, 4.0)[0]), fit_batch(step, 4.0)[1]).backward()
+        inputs, labels = fit_batch(step, learnable_then_random(step))
+        torch.nn.functional.cross_entropy(model(inputs), labels).backward()
         optimizer.step()
         optimizer.zero_grad()
-    for (_, _, ratio, _), expected in zip(decisions, one_process.decisions):
-        assert abs(ratio - expected.entropy_ratio) < 1e-5
+    for (_, _, ratio, _, _), expected in zip(decisions, one_process.decisions):
+        assert abs(ratio - expected.loss_ratio) < 1e-5
     for record in ranks:
         for run in ("full", "resumed"):
             assert record[run]["decisions"] == decisions
