@@ -74,10 +74,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PEER_SCRIPT = ROOT.parent / "shared" / "peer" / "timm_train.py"
 PATCH = ROOT / "docs" / "patches" / "timm_train.diff"
-METHODS = ("original", "rifle")  # the script as shipped, the script patched with hf_rifle.attach
+# The script as shipped; patched with hf_rifle.attach (the paper's schedule); the same with reinit_when="fitted".
+METHODS = ("original", "rifle", "rifle_fitted")
 REGULARIZER = "l2"  # attach's default: L2 is the optimizer's weight decay, the same flag in both runs
 SETTINGS = {"sklearn-10": ("sklearn", 10), "sklearn-20": ("sklearn", 20), "mnist-10": ("mnist", 10)}
 REINIT_LOG = re.compile(r"RIFLE: re-initialized the head .* at step (\d+) of (\d+)")
+KEPT_LOG = re.compile(r"RIFLE: kept the head at step (\d+) of \d+: .*?(?:was ([\d.]+) of a uniform)")
+STATISTIC_LOG = re.compile(r"RIFLE: (?:re-initialized|kept) the head(?: .*?)? at step (\d+) of \d+.*? was ([\d.]+) of a")
 VARIANTS = ("plain", "attach_l2", "attach_l2sp")  # the overhead's; the first is the baseline
 L2SP_STRENGTH = 0.01
 THREADS_HELP = "torch's threads (OMP_NUM_THREADS); 1 by default: on a busy 2-core machine 2 threads wait on each other"
@@ -118,11 +121,19 @@ def demo_weights(runs_dir: Path) -> Path:
     return weights
 
 
-def patched_script(folder: Path, peer_script: Path) -> Path:
-    """A copy of timm's train.py with docs/patches/timm_train.diff applied, as a user would patch theirs."""
+def patched_script(folder: Path, peer_script: Path, reinit_when: str | None = None) -> Path:
+    """A copy of timm's train.py with docs/patches/timm_train.diff applied, as a user would patch theirs; with
+    `reinit_when`, the attach line passes it (as docs/any_loop.md shows)."""
+    folder.mkdir(exist_ok=True)
     shutil.copy(peer_script, folder / "timm_train.py")
     subprocess.run(["patch", "-p1", "--quiet", "-d", str(folder), "-i", str(PATCH)], check=True)
-    return folder / "timm_train.py"
+    script = folder / "timm_train.py"
+    if reinit_when is not None:
+        attach_line = "seed=args.seed, num_train_epochs=args.epochs)"
+        text = script.read_text()
+        assert text.count(attach_line) == 1, "docs/patches/timm_train.diff's attach line changed"
+        script.write_text(text.replace(attach_line, attach_line[:-1] + f", reinit_when={reinit_when!r})"))
+    return script
 
 
 def timm_flags(args, data_dir: Path, weights: Path, seed: int) -> list[str]:
@@ -166,6 +177,8 @@ def run_timm(script: Path, flags: list[str], run_dir: Path, threads: int) -> dic
         "last_epoch": int(last["epoch"]),
         "last_train_loss": float(last["train_loss"]),
         "reinit_steps": [int(step) for step, _ in REINIT_LOG.findall(log_text)],
+        "kept_steps": [int(step) for step, _ in KEPT_LOG.findall(log_text)],
+        "fit_statistics": {step: float(ratio) for step, ratio in STATISTIC_LOG.findall(log_text)},
         "seconds": round(seconds, 1),
     }
 
@@ -177,7 +190,7 @@ def accuracy(args) -> dict:
     runs_dir = Path(args.runs_dir).resolve()  # the script runs in its run folder
     earlier = json.loads(output.read_text()) if output.is_file() else {}
     rows = earlier.get("runs", [])
-    requested = [(seed, method) for seed in args.seeds for method in METHODS]  # a seed's pair runs together
+    requested = [(seed, method) for seed in args.seeds for method in args.methods]  # a seed's runs run together
     if args.rerun:
         rows = [row for row in rows if (row["seed"], row["method"]) not in set(requested)]
     done = {(row["seed"], row["method"]) for row in rows}
@@ -196,7 +209,11 @@ def accuracy(args) -> dict:
         return write_report(output, report, rows, args)
     weights = demo_weights(runs_dir)
     with tempfile.TemporaryDirectory() as folder:
-        scripts = {"original": Path(args.peer_script), "rifle": patched_script(Path(folder), Path(args.peer_script))}
+        scripts = {
+            "original": Path(args.peer_script),
+            "rifle": patched_script(Path(folder) / "rifle", Path(args.peer_script)),
+            "rifle_fitted": patched_script(Path(folder) / "fitted", Path(args.peer_script), reinit_when="fitted"),
+        }
         for seed, method in missing:
             data_dir = write_image_folders(
                 runs_dir / "data" / f"{args.setting}-seed{seed}", source, samples_per_class, seed
@@ -223,7 +240,7 @@ def accuracy(args) -> dict:
 
 def write_report(output: Path, report: dict, rows: list[dict], args) -> dict:
     rows = sorted(rows, key=lambda row: (row["seed"], METHODS.index(row["method"])))
-    paired = [row for row in rows if {(row["seed"], m) for m in METHODS} <= {(r["seed"], r["method"]) for r in rows}]
+    paired = [row for row in rows if (row["seed"], "original") in {(r["seed"], r["method"]) for r in rows}]
     summary = sweeps.summarize(paired) if paired else []
     label = f"timm train.py{f' {args.tag}' if args.tag else ''}, digits {args.setting}, {args.epochs} epochs"
     table = sweeps.markdown_table(summary, label, "test") + "\n" if summary else ""
@@ -239,7 +256,7 @@ def write_report(output: Path, report: dict, rows: list[dict], args) -> dict:
 class HookClock:
     """Wraps `RifleHandle`'s hook methods while `attach` registers them, adding each call's time to `seconds`."""
 
-    HOOKS = ("_before_forward", "_before_update", "_after_update")
+    HOOKS = ("_before_forward", "_after_head_forward", "_before_update", "_after_update")
 
     def __init__(self):
         self.seconds = 0.0
@@ -385,6 +402,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     sweep = parts.add_parser("accuracy", help="timm train.py as shipped vs patched, paired over seeds")
     sweep.add_argument("--setting", default="sklearn-10", choices=list(SETTINGS))
     sweep.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    sweep.add_argument(
+        "--methods",
+        nargs="+",
+        default=["original", "rifle"],
+        choices=METHODS,
+        help="rifle_fitted: reinit_when='fitted'",
+    )
     sweep.add_argument("--epochs", type=int, default=40)
     sweep.add_argument("--resolution", type=int, default=56, help="timm's --input-size; eval resizes to 8/7 of it")
     sweep.add_argument("--batch_size", type=int, default=16)

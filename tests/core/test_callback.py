@@ -181,6 +181,35 @@ def test_logged_values_reach_tensorboard(tmp_path):
     assert [event.value for event in events.Scalars("train/rifle_period")] == [1, 1, 2, 2, 2, 3, 3, 3, 3]
 
 
+def test_planned_and_done_reinits_and_the_fit_statistic_reach_tensorboard_and_the_card(tmp_path, caplog):
+    """Random labels: the head cannot fit in 3 steps, so with reinit_when="fitted" both planned re-inits are kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, trainer = rifle_trainer(tmp_path, dict(reinit_when="fitted"), report_to="tensorboard")
+    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+        trainer.train()
+    decisions = trainer.reinit_decisions()
+    assert [(d.step, d.redrawn, d.head_age) for d in decisions] == [(3, False, 3), (6, False, 6)]
+    kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("RIFLE: kept the head")]
+    assert len(kept) == 2 and all(r.levelno == logging.WARNING for r in caplog.records if "kept" in r.getMessage())
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    # Each log follows its step's update; the decision at step 3 is taken when step 3 (the 4th) begins.
+    assert [e.value for e in events.Scalars("train/rifle_reinits_planned")] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [e.value for e in events.Scalars("train/rifle_reinits_done")] == [0] * 9
+    ratios = [e.value for e in events.Scalars("train/rifle_fit_loss_ratio")]
+    assert ratios == pytest.approx([decisions[0].loss_ratio] * 3 + [decisions[1].loss_ratio] * 3, rel=1e-6)
+    assert trainer.state.log_history[-2]["rifle_reinits_planned"] == 2  # in trainer_state.json too
+
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "| re-initialize when | fitted: at a period start only once the head has fit" in card
+    assert 'Re-initializations planned: 2, done: 0 (`reinit_when="fitted"`)' in card
+    for decision in decisions:
+        assert f"| {decision.step} | {decision.loss_ratio:.3f} | no | {decision.head_age} | kept |" in card
+    assert "Head re-initialized at optimizer steps: none (of 9)." in card
+
+
 def test_each_reinit_is_a_warning_a_script_shows(tmp_path, caplog):
     _, trainer = plain_trainer(tmp_path, dict(num_periods=3))
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
