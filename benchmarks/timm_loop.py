@@ -80,7 +80,9 @@ REGULARIZER = "l2"  # attach's default: L2 is the optimizer's weight decay, the 
 SETTINGS = {"sklearn-10": ("sklearn", 10), "sklearn-20": ("sklearn", 20), "mnist-10": ("mnist", 10)}
 REINIT_LOG = re.compile(r"RIFLE: re-initialized the head .* at step (\d+) of (\d+)")
 KEPT_LOG = re.compile(r"RIFLE: kept the head at step (\d+) of \d+: .*?(?:was ([\d.]+) of a uniform)")
-STATISTIC_LOG = re.compile(r"RIFLE: (?:re-initialized|kept) the head(?: .*?)? at step (\d+) of \d+.*? was ([\d.]+) of a")
+STATISTIC_LOG = re.compile(
+    r"RIFLE: (?:re-initialized|kept) the head(?: .*?)? at step (\d+) of \d+.*? was ([\d.]+) of a"
+)
 VARIANTS = ("plain", "attach_l2", "attach_l2sp")  # the overhead's; the first is the baseline
 L2SP_STRENGTH = 0.01
 THREADS_HELP = "torch's threads (OMP_NUM_THREADS); 1 by default: on a busy 2-core machine 2 threads wait on each other"
@@ -132,7 +134,7 @@ def patched_script(folder: Path, peer_script: Path, reinit_when: str | None = No
         attach_line = "seed=args.seed, num_train_epochs=args.epochs)"
         text = script.read_text()
         assert text.count(attach_line) == 1, "docs/patches/timm_train.diff's attach line changed"
-        script.write_text(text.replace(attach_line, attach_line[:-1] + f", reinit_when={reinit_when!r})"))
+        script.write_text(text.replace(attach_line, attach_line[:-1] + f', reinit_when="{reinit_when}")'))
     return script
 
 

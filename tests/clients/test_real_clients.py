@@ -132,6 +132,8 @@ def test_docs_any_loop_shows_each_diff_as_it_is():
     page = (ROOT / "docs" / "any_loop.md").read_text()
     for diff in (PATCHES / "run_image_classification_no_trainer.diff", PATCHES / "timm_train.diff"):
         assert f"```diff\n{diff.read_text()}```" in page, diff.name
+    (attach_line,) = [line for line in (PATCHES / "timm_train.diff").read_text().splitlines() if "attach(" in line]
+    assert f"```python\n{add_reinit_when(attach_line[1:], 'fitted')}\n```" in page  # the line the fitted test runs
 
 
 @pytest.fixture(scope="module")
@@ -252,12 +254,15 @@ def timm_runs(tmp_path_factory, image_folders) -> dict[str, Run]:
 
 
 def with_reinit_when(script: Path, reinit_when: str) -> Path:
-    """The patched script's attach line with `reinit_when=...` added, as docs/any_loop.md shows it."""
-    text = script.read_text()
-    attach_line = "seed=args.seed, num_train_epochs=args.epochs)"
-    assert text.count(attach_line) == 1
-    script.write_text(text.replace(attach_line, attach_line[:-1] + f", reinit_when={reinit_when!r})"))
+    """The patched script with `reinit_when=...` added to its attach line, as docs/any_loop.md shows it."""
+    script.write_text(add_reinit_when(script.read_text(), reinit_when))
     return script
+
+
+def add_reinit_when(text: str, reinit_when: str) -> str:
+    attach_call = "seed=args.seed, num_train_epochs=args.epochs)"
+    assert text.count(attach_call) == 1
+    return text.replace(attach_call, attach_call[:-1] + f', reinit_when="{reinit_when}")')
 
 
 @runs_scripts
