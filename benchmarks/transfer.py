@@ -62,23 +62,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    recipe = [
-        "--demo",
-        "--num_train_epochs",
-        str(args.epochs),
-        "--num_periods",
-        str(args.num_periods),
-        "--crop_size",
-        str(args.resolution),
-        "--resize_size",
-        str(round(args.resolution * 8 / 7)),
-        "--save_strategy",
-        "no",
-        "--disable_tqdm",
-        "True",
-        "--log_level",
-        "warning",
-    ]
+    recipe = recipe_flags(args.epochs, args.num_periods, args.resolution)
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": sweeps.machine_description(),
@@ -104,7 +88,9 @@ def main(argv=None):
                     "--seeds",
                     *map(
                         str,
-                        sorted({*missing_seeds, *seeds_run_here(sweep_dir, args.seeds, args.regularizers, args.methods)}),
+                        sorted(
+                            {*missing_seeds, *seeds_run_here(sweep_dir, args.seeds, args.regularizers, args.methods)}
+                        ),
                     ),
                     "--regularizers",
                     *args.regularizers,
@@ -124,6 +110,15 @@ def main(argv=None):
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({**report, "results": {**earlier, **report["results"]}}, indent=2) + "\n")
     print(f"wrote {output}")
+
+
+def recipe_flags(epochs: int, num_periods: int, resolution: int) -> list[str]:
+    """The recipe's flags for every run of the benchmark: the offline demo's model and optimization, no checkpoints."""
+    return [
+        *("--demo", "--num_train_epochs", str(epochs), "--num_periods", str(num_periods)),
+        *("--crop_size", str(resolution), "--resize_size", str(round(resolution * 8 / 7))),
+        *("--save_strategy", "no", "--disable_tqdm", "True", "--log_level", "warning"),
+    ]
 
 
 def sweep_name(setting: str, resolution: int, epochs: int, num_periods: int) -> str:
