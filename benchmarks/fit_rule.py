@@ -63,23 +63,23 @@ def run_fitted(setting: str, epochs: int, num_periods: int, seed: int, runs_dir:
     }
 
 
-def recorded(setting: str, epochs: int, num_periods: int) -> dict[str, dict[int, float]]:
+def recorded(setting: str, epochs: int, num_periods: int, results=RESULTS) -> dict[str, dict[int, float]]:
     """The transfer benchmark's recorded test accuracies of this cell: method -> seed -> accuracy."""
-    path = RESULTS / f"transfer-{transfer.sweep_name(setting, RESOLUTION, epochs, num_periods)}.json"
+    path = Path(results) / f"transfer-{transfer.sweep_name(setting, RESOLUTION, epochs, num_periods)}.json"
     runs = json.loads(path.read_text())["results"][setting]["runs"]
     by_method = {}
     for run in runs:
         if run["regularizer"] == REGULARIZER:
             by_method.setdefault(run["method"], {})[run["seed"]] = run["accuracy"]
     if num_periods != 3 and "original" not in by_method:  # the grid shares each length's plain runs with K = 3
-        by_method["original"] = recorded(setting, epochs, 3)["original"]
+        by_method["original"] = recorded(setting, epochs, 3, results)["original"]
     return by_method
 
 
-def summarize(setting: str, epochs: int, num_periods: int, runs: list[dict]) -> dict:
+def summarize(setting: str, epochs: int, num_periods: int, runs: list[dict], results=RESULTS) -> dict:
     """Paired differences in points over the seeds run here: fitted - plain, paper's RIFLE - plain, fitted - RIFLE."""
     fitted = {run["seed"]: run["accuracy"] for run in runs}
-    earlier = recorded(setting, epochs, num_periods)
+    earlier = recorded(setting, epochs, num_periods, results)
     cell = {"epochs": epochs, "num_periods": num_periods, "epochs_per_period": epochs / num_periods, "seeds": []}
     cell["seeds"] = sorted(fitted.keys() & earlier["original"].keys())
     for name, compared, baseline in (
@@ -104,9 +104,10 @@ def main(argv=None):
     parser.add_argument("--cells", nargs="+", default=["12:2", "12:3", "12:5", "24:5"], help="EPOCHS:K")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(3, 11)))
     parser.add_argument("--runs_dir", default="outputs/fit-rule")
-    parser.add_argument("--output", default=None, help="default: benchmarks/results/fit-rule-<setting>-l2sp.json")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="where the recorded transfer-<cell>.json are")
+    parser.add_argument("--output", default=None, help="default: <results_dir>/fit-rule-<setting>-l2sp.json")
     args = parser.parse_args(argv)
-    output = Path(args.output or RESULTS / f"fit-rule-{args.setting}-{REGULARIZER}.json")
+    output = Path(args.output or Path(args.results_dir) / f"fit-rule-{args.setting}-{REGULARIZER}.json")
     report = json.loads(output.read_text()) if output.is_file() else {"setting": args.setting, "cells": {}}
     for cell in args.cells:
         epochs, num_periods = map(int, cell.split(":"))
@@ -116,7 +117,7 @@ def main(argv=None):
             if seed not in runs:
                 runs[seed] = run_fitted(args.setting, epochs, num_periods, seed, Path(args.runs_dir))
                 rows = sorted(runs.values(), key=lambda run: run["seed"])
-                summary = summarize(args.setting, epochs, num_periods, rows)
+                summary = summarize(args.setting, epochs, num_periods, rows, args.results_dir)
                 report["cells"][key] = {"summary": summary, "runs": rows}
                 report["date"] = datetime.date.today().isoformat()
                 output.write_text(json.dumps(report, indent=2) + "\n")
