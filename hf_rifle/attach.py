@@ -422,20 +422,27 @@ def attach(
         reinit_when=reinit_when,
         head=head,
     )
-    handle.settings_warnings = _settings_warnings(optimizer, regularizer, reinit_head, num_periods, num_train_epochs)
+    handle.settings_warnings = _settings_warnings(
+        optimizer, regularizer, reinit_head, num_periods, num_train_epochs, reinit_when
+    )
     if _is_main_process():
         for warning in handle.settings_warnings:
             logger.warning(warning)
     return handle
 
 
-def _settings_warnings(optimizer, regularizer: str, reinit_head: bool, num_periods: int, num_train_epochs) -> list[str]:
+def _settings_warnings(
+    optimizer, regularizer: str, reinit_head: bool, num_periods: int, num_train_epochs, reinit_when: str
+) -> list[str]:
     """What `attach` can see that silently undoes RIFLE: weight decay on top of L2-SP, periods too short."""
     warnings = []
     weight_decay = max(group.get("weight_decay") or 0.0 for group in optimizer.param_groups)
     if regularizer == "l2sp" and weight_decay > 0:
         warnings.append(L2SP_WEIGHT_DECAY_WARNING.format(weight_decay=weight_decay))
-    if num_train_epochs is not None and (short := short_period_warning(num_train_epochs, num_periods, reinit_head)):
+    short = num_train_epochs is not None and short_period_warning(
+        num_train_epochs, num_periods, reinit_head, reinit_when
+    )
+    if short:
         warnings.append(short)
     return warnings
 

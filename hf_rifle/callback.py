@@ -214,7 +214,7 @@ class RifleTrainerCallback(TrainerCallback):
             warnings.append(CLIPPING_WARNING.format(norm=args.max_grad_norm))
         if self.regularizer == "l2" and not args.weight_decay:
             warnings.append(NO_WEIGHT_DECAY_WARNING)
-        if short := short_period_warning(state.num_train_epochs, self.num_periods, self.reinit_head):
+        if short := short_period_warning(state.num_train_epochs, self.num_periods, self.reinit_head, self.reinit_when):
             warnings.append(short)
         # RifleTrainer (recognized by its head groups) divides by the accumulation steps itself.
         if (

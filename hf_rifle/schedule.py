@@ -137,9 +137,12 @@ def check_resumed_shape(saved: RunShape, resumed: RunShape, num_periods: int) ->
     )
 
 
-def short_period_warning(num_train_epochs: float, num_periods: int, reinit_head: bool = True) -> str | None:
-    """The warning for periods too short for a re-drawn head to fit again, or None."""
+def short_period_warning(
+    num_train_epochs: float, num_periods: int, reinit_head: bool = True, reinit_when: str = "always"
+) -> str | None:
+    """The warning for periods too short for a re-drawn head to fit again, or None. Not with reinit_when="fitted",
+    whose fit test keeps a head that has not fit at each planned re-init and logs the numbers behind it."""
     epochs = num_train_epochs / num_periods
-    if not reinit_head or num_periods == 1 or epochs >= MIN_EPOCHS_PER_PERIOD:
+    if not reinit_head or reinit_when == "fitted" or num_periods == 1 or epochs >= MIN_EPOCHS_PER_PERIOD:
         return None
     return SHORT_PERIOD_WARNING.format(epochs=epochs, num_train_epochs=num_train_epochs, num_periods=num_periods)

@@ -191,6 +191,7 @@ def test_planned_and_done_reinits_and_the_fit_statistic_reach_tensorboard_and_th
     decisions = trainer.reinit_decisions()
     assert [(d.step, d.redrawn, d.head_age) for d in decisions] == [(3, False, 3), (6, False, 6)]
     kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("RIFLE: kept the head")]
+    assert trainer.rifle.settings_warnings == []  # periods of 0.75 epochs: the fit test, not the epochs, decides
     assert len(kept) == 2 and all(r.levelno == logging.WARNING for r in caplog.records if "kept" in r.getMessage())
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
     events.Reload()
