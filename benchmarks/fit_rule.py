@@ -8,6 +8,11 @@ on one machine: this one reproduced the recorded seeds it re-ran to the last dig
 
 Each run records its decisions (step, top-class loss ratio, the head's age, re-drawn or not) from the optimizer's
 state at the end. Results accumulate in `benchmarks/results/fit-rule-<setting>-l2sp.json`; finished runs are reused.
+
+`--stop_once_decided` ends a run after its last planned re-init when every one re-drew the head: from there it is
+the recorded paper-schedule run bit for bit (tests/core/test_fit.py), whose accuracy it takes. Valid only where this
+machine reproduces the recorded runs (same kind of machine, 2 torch threads, the same input pipeline); the script
+checks that on the first seed, which always runs to the end.
 """
 
 import argparse
@@ -23,6 +28,7 @@ from hf_rifle.optim import base_optimizer
 from hf_rifle.paper import sweeps
 from hf_rifle.paper.baselines import BASELINES, method_flags
 from hf_rifle.recipe import main as run_recipe
+from hf_rifle.schedule import reinit_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REGULARIZER, RESOLUTION = "l2sp", 56
@@ -31,15 +37,33 @@ DECISIONS_FILE = "decisions.json"
 
 
 class RecordDecisions(TrainerCallback):
-    """Write the run's fit-test decisions, as its optimizer's state holds them, into its output folder."""
+    """Write the run's fit-test decisions, as its optimizer's state holds them, into its output folder; with
+    `stop_once_decided`, stop after the last planned re-init if every one re-drew the head."""
 
-    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
-        decisions = base_optimizer(optimizer).param_groups[0][STATE_KEY]["decisions"]
-        rows = [dict(zip(("step", "period", "loss_ratio", "head_age", "redrawn"), row)) for row in decisions]
-        Path(args.output_dir, DECISIONS_FILE).write_text(json.dumps(rows, indent=2) + "\n")
+    def __init__(self, stop_once_decided: bool = False):
+        self.stop_once_decided = stop_once_decided
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        decided = state.global_step > reinit_steps(state.max_steps, args.num_periods)[-1]
+        if self.stop_once_decided and decided and all(redrawn for *_, redrawn in self.decisions(optimizer)):
+            control.should_training_stop = True
+            self.on_train_end(args, state, control, optimizer=optimizer, stopped=True)
+
+    def on_train_end(self, args, state, control, optimizer=None, stopped=False, **kwargs):
+        path = Path(args.output_dir, DECISIONS_FILE)
+        if path.is_file():  # written when the run stopped once decided
+            return
+        rows = [
+            dict(zip(("step", "period", "loss_ratio", "head_age", "redrawn"), r)) for r in self.decisions(optimizer)
+        ]
+        path.write_text(json.dumps({"decisions": rows, "stopped_once_decided": stopped}, indent=2) + "\n")
+
+    @staticmethod
+    def decisions(optimizer) -> list:
+        return base_optimizer(optimizer).param_groups[0][STATE_KEY]["decisions"]
 
 
-def run_fitted(setting: str, epochs: int, num_periods: int, seed: int, runs_dir: Path) -> dict:
+def run_fitted(setting, epochs, num_periods, seed, runs_dir: Path, results, stop_once_decided=False) -> dict:
     """One run with reinit_when="fitted" (reused if finished): its test accuracy and decisions."""
     folder = sweeps.run_folder(runs_dir / transfer.sweep_name(setting, RESOLUTION, epochs, num_periods), METHOD,
                                REGULARIZER, seed)  # fmt: skip
@@ -51,14 +75,19 @@ def run_fitted(setting: str, epochs: int, num_periods: int, seed: int, runs_dir:
                 *method_flags(METHOD),
                 *("--regularizer", REGULARIZER, "--seed", str(seed), "--output_dir", str(folder)),
             ],
-            callbacks=[RecordDecisions()],
+            callbacks=[RecordDecisions(stop_once_decided)],
             extensions=[BASELINES],
         )
-    metrics = json.loads((folder / "all_results.json").read_text())
+    record = json.loads((folder / DECISIONS_FILE).read_text())
+    if record["stopped_once_decided"]:
+        accuracy, source = recorded(setting, epochs, num_periods, results)["rifle"][seed], "the recorded RIFLE run"
+    else:
+        accuracy, source = json.loads((folder / "all_results.json").read_text())["test_accuracy"], "this run"
     return {
         "seed": seed,
-        "accuracy": metrics["test_accuracy"],
-        "decisions": json.loads((folder / DECISIONS_FILE).read_text()),
+        "accuracy": accuracy,
+        "accuracy_from": source,
+        "decisions": record["decisions"],
         "machine": sweeps.machine_description(),
     }
 
@@ -74,6 +103,17 @@ def recorded(setting: str, epochs: int, num_periods: int, results=RESULTS) -> di
     if num_periods != 3 and "original" not in by_method:  # the grid shares each length's plain runs with K = 3
         by_method["original"] = recorded(setting, epochs, 3, results)["original"]
     return by_method
+
+
+def check_reproduces(run: dict, earlier: dict) -> None:
+    """A fitted run that re-drew every head is the recorded RIFLE run, to the last digit where this machine
+    reproduces the recorded runs; refuse `--stop_once_decided` where it does not."""
+    if all(d["redrawn"] for d in run["decisions"]) and run["accuracy"] != earlier["rifle"][run["seed"]]:
+        raise SystemExit(
+            f"Seed {run['seed']} re-drew every head but ended at {run['accuracy']}, not the recorded RIFLE run's "
+            f"{earlier['rifle'][run['seed']]}: this machine does not reproduce the recorded runs (another kind of "
+            "machine, thread count or input pipeline), so --stop_once_decided cannot take their accuracies."
+        )
 
 
 def summarize(setting: str, epochs: int, num_periods: int, runs: list[dict], results=RESULTS) -> dict:
@@ -105,6 +145,9 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(3, 11)))
     parser.add_argument("--runs_dir", default="outputs/fit-rule")
     parser.add_argument("--results_dir", default=str(RESULTS), help="where the recorded transfer-<cell>.json are")
+    parser.add_argument(
+        "--stop_once_decided", action="store_true", help="runs whose heads were all re-drawn take the recorded RIFLE's"
+    )
     parser.add_argument("--output", default=None, help="default: <results_dir>/fit-rule-<setting>-l2sp.json")
     args = parser.parse_args(argv)
     output = Path(args.output or Path(args.results_dir) / f"fit-rule-{args.setting}-{REGULARIZER}.json")
@@ -113,9 +156,14 @@ def main(argv=None):
         epochs, num_periods = map(int, cell.split(":"))
         key = transfer.sweep_name(args.setting, RESOLUTION, epochs, num_periods)
         runs = {run["seed"]: run for run in report["cells"].get(key, {}).get("runs", [])}
-        for seed in args.seeds:
+        for index, seed in enumerate(args.seeds):
             if seed not in runs:
-                runs[seed] = run_fitted(args.setting, epochs, num_periods, seed, Path(args.runs_dir))
+                stop = args.stop_once_decided and index > 0  # the first runs to the end: the check below
+                runs[seed] = run_fitted(
+                    args.setting, epochs, num_periods, seed, Path(args.runs_dir), args.results_dir, stop
+                )
+                if args.stop_once_decided and index == 0:
+                    check_reproduces(runs[seed], recorded(args.setting, epochs, num_periods, args.results_dir))
                 rows = sorted(runs.values(), key=lambda run: run["seed"])
                 summary = summarize(args.setting, epochs, num_periods, rows, args.results_dir)
                 report["cells"][key] = {"summary": summary, "runs": rows}

@@ -22,7 +22,7 @@ def test_a_fitted_run_is_paired_with_the_recorded_runs_of_its_seed_and_not_redon
     report = json.loads((tmp_path / "fit-rule-sklearn-10-l2sp.json").read_text())
     (run,) = report["cells"]["sklearn-10-56px-1ep"]["runs"]
     # 100 training images, batch 16: 7 steps in 3 periods, re-inits planned at steps 2 and 4.
-    assert [decision["step"] for decision in run["decisions"]] == [2, 4]
+    assert [decision["step"] for decision in run["decisions"]] == [2, 4] and run["accuracy_from"] == "this run"
     assert all(0 < decision["loss_ratio"] <= 1 for decision in run["decisions"])
     summary = report["cells"]["sklearn-10-56px-1ep"]["summary"]
     assert summary["fitted_minus_plain"]["points"] == pytest.approx(100 * (run["accuracy"] - 0.5))
