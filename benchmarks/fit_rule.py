@@ -138,6 +138,29 @@ def summarize(setting: str, epochs: int, num_periods: int, runs: list[dict], res
     return cell
 
 
+def markdown(report: dict) -> str:
+    """One row per cell: the paired differences over the seeds run here, and the re-inits done of those planned."""
+    lines = [
+        "| cell | epochs per period | seeds | fitted − plain | paper's RIFLE − plain | fitted − RIFLE | re-inits done |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(values: dict | None) -> str:
+        if not values:
+            return "–"
+        low, high = values["ci95"]
+        return f"{values['points']:+.2f} [{low:+.2f}, {high:+.2f}], {values['ahead']} / {values['behind']}"
+
+    for name, entry in report["cells"].items():
+        summary = entry["summary"]
+        lines.append(
+            f"| {name} | {summary['epochs_per_period']:.1f} | {len(summary['seeds'])} "
+            f"| {cell(summary.get('fitted_minus_plain'))} | {cell(summary.get('rifle_minus_plain'))} "
+            f"| {cell(summary.get('fitted_minus_rifle'))} | {summary['reinits_done']} of {summary['reinits_planned']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="sklearn-10", choices=list(transfer.SETTINGS))
@@ -149,9 +172,13 @@ def main(argv=None):
         "--stop_once_decided", action="store_true", help="runs whose heads were all re-drawn take the recorded RIFLE's"
     )
     parser.add_argument("--output", default=None, help="default: <results_dir>/fit-rule-<setting>-l2sp.json")
+    parser.add_argument("--summarize_only", action="store_true", help="print the table of the results so far")
     args = parser.parse_args(argv)
     output = Path(args.output or Path(args.results_dir) / f"fit-rule-{args.setting}-{REGULARIZER}.json")
     report = json.loads(output.read_text()) if output.is_file() else {"setting": args.setting, "cells": {}}
+    if args.summarize_only:
+        print(markdown(report))
+        return
     for cell in args.cells:
         epochs, num_periods = map(int, cell.split(":"))
         key = transfer.sweep_name(args.setting, RESOLUTION, epochs, num_periods)
@@ -169,7 +196,7 @@ def main(argv=None):
                 report["cells"][key] = {"summary": summary, "runs": rows}
                 report["date"] = datetime.date.today().isoformat()
                 output.write_text(json.dumps(report, indent=2) + "\n")
-        print(key, json.dumps(report["cells"][key]["summary"]))
+    print(markdown(report))
     print(f"wrote {output}")
 
 

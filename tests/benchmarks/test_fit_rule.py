@@ -32,3 +32,4 @@ def test_a_fitted_run_is_paired_with_the_recorded_runs_of_its_seed_and_not_redon
     (tmp_path / "runs" / "sklearn-10-56px-1ep" / "rifle_fitted-l2sp-seed1" / "all_results.json").unlink()
     fit_rule.main(argv)  # recorded in the report: not run again (its folder would no longer do)
     assert json.loads((tmp_path / "fit-rule-sklearn-10-l2sp.json").read_text())["cells"] == report["cells"]
+    assert "| sklearn-10-56px-1ep | 0.3 | 1 |" in fit_rule.markdown(report)
