@@ -9,6 +9,7 @@ when, inside `transformers.Trainer`. This top level needs torch and transformers
 from .attach import RifleHandle, attach
 from .callback import RifleTrainerCallback
 from .config import RifleConfig
+from .fit import FitDecision
 from .functional import HeadReinit, reinit_head_at_period_start_
 from .heads import clear_optimizer_state_, find_head, head_seed, reinit_head_
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
@@ -18,6 +19,7 @@ from .trainer import RifleTrainer
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
+    "FitDecision",
     "HeadReinit",
     "PreemptionCallback",
     "RifleConfig",

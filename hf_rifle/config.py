@@ -40,7 +40,8 @@ class RifleConfig(TrainingArguments):
     re-initialized at each period start, cyclic cosine head learning rate, cosine schedule for the backbone,
     no gradient clipping.
 
-    Ablations: RIFLE-A = `head_lr_schedule="trainer"`; RIFLE-B = `reinit_head=False`.
+    Ablations: RIFLE-A = `head_lr_schedule="trainer"`; RIFLE-B = `reinit_head=False`. `reinit_when="fitted"` re-draws
+    the head at a period start only once it has fit (`hf_rifle.fit`).
 
     Example:
         >>> from hf_rifle import RifleConfig
