@@ -5,17 +5,24 @@ process died while writing it (a missing `trainer_state.json`, a truncated `mode
 re-run fails until the folder is deleted by hand. `RifleTrainer` instead writes each checkpoint into a staging
 folder, flushes every file to disk, writes a manifest of the files and their sizes last, and renames the
 folder into place; a resume takes the newest checkpoint whose files all check out, and moves torn ones aside
-(never deleting them: they may hold the only copy of some work).
+(never deleting them: they may hold the only copy of some work). A disk that fills up while a checkpoint or the
+final model is written stops the run with an `OSError` that says so (`full_disk_explained`).
 """
 
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import struct
 import time
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +32,11 @@ SET_ASIDE_PREFIX = "incomplete-"  # torn checkpoints are renamed to incomplete-c
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 TORCH_ZIP_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save's zip format
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_TEXTS = ("No space left on device", "Disk quota exceeded")  # OSError's text, also inside safetensors' error
+# torch.save's zip writer reports a failed write without its cause: "[enforce fail at inline_container.cc:672] .
+# unexpected pos 690624 vs 690512" (or "... failed writing file ..."); it means a full disk when the disk is then full.
+TORCH_WRITE_FAILURE_TEXTS = ("unexpected pos", "failed writing file")
 
 
 def _fsync(path: Path) -> None:
@@ -70,7 +82,7 @@ def checkpoint_problems(folder) -> list[str]:
                 problems.append(f"{name} is missing")
             elif path.stat().st_size != size:
                 problems.append(f"{name} has {path.stat().st_size} bytes, {size} were written")
-    if not (folder / TRAINER_STATE).is_file():
+    if not (folder / TRAINER_STATE).is_file() and f"{TRAINER_STATE} is missing" not in problems:
         problems.append(f"{TRAINER_STATE} is missing")
     reported = {problem.split(" ", 1)[0] for problem in problems}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in reported):
@@ -98,17 +110,18 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
-def newest_complete_checkpoint(output_dir) -> str | None:
-    """The newest `checkpoint-N` in `output_dir` that is complete; newer torn ones are set aside with a warning."""
+def checkpoint_folders(output_dir) -> list[Path]:
+    """The `checkpoint-N` folders in `output_dir`, oldest (smallest N) first."""
     folder = Path(output_dir)
     if not folder.is_dir():
-        return None
-    checkpoints = sorted(
-        (int(match.group(1)), path)
-        for path in folder.iterdir()
-        if path.is_dir() and (match := CHECKPOINT_NAME.match(path.name))
-    )
-    for _, path in reversed(checkpoints):
+        return []
+    checkpoints = [path for path in folder.iterdir() if path.is_dir() and CHECKPOINT_NAME.match(path.name)]
+    return sorted(checkpoints, key=lambda path: int(CHECKPOINT_NAME.match(path.name).group(1)))
+
+
+def newest_complete_checkpoint(output_dir) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that is complete; newer torn ones are set aside with a warning."""
+    for path in reversed(checkpoint_folders(output_dir)):
         problems = checkpoint_problems(path)
         if not problems:
             return str(path)
@@ -135,3 +148,67 @@ def check_resumable(checkpoint) -> None:
             "that was killed. Resume from an earlier checkpoint, or pass resume_from_checkpoint=True to take the "
             "newest complete one."
         )
+
+
+def tensor_bytes(*states) -> int:
+    """The bytes of every tensor in `states` (state dicts, nested): what a checkpoint of them writes, headers aside."""
+    total = 0
+    for state in states:
+        if isinstance(state, torch.Tensor):
+            total += state.numel() * state.element_size()
+        elif isinstance(state, dict):
+            total += tensor_bytes(*state.values())
+        elif isinstance(state, list | tuple):
+            total += tensor_bytes(*state)
+    return total
+
+
+def is_disk_full(error: BaseException, folder, needed_bytes: Callable[[], int]) -> bool:
+    """Whether `error`, raised while writing `needed_bytes()` under `folder`, comes from a full disk (or quota)."""
+    if isinstance(error, OSError) and error.errno in FULL_DISK_ERRNOS:
+        return True
+    text = str(error)
+    if any(sign in text for sign in FULL_DISK_TEXTS):
+        return True
+    return any(sign in text for sign in TORCH_WRITE_FAILURE_TEXTS) and shutil.disk_usage(folder).free < needed_bytes()
+
+
+@contextmanager
+def full_disk_explained(output_dir, what: str, needed_bytes: Callable[[], int]) -> Iterator[None]:
+    """Turn a full disk while `what` is written under `output_dir` into an `OSError` (ENOSPC) that says so, how much
+    the write needs and which checkpoints are kept, instead of the writer's own error (torch.save's names no cause).
+
+    `needed_bytes` is called only after an error, to size the write (see `tensor_bytes`).
+    """
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error, output_dir, needed_bytes):
+            raise
+        raise OSError(errno.ENOSPC, full_disk_message(output_dir, what, needed_bytes())) from error
+
+
+def full_disk_message(output_dir, what: str, needed: int) -> str:
+    """What `full_disk_explained` says: the disk, the write's size, the free space, what is kept and what next."""
+    folder = Path(output_dir)
+    kept = [path.name for path in checkpoint_folders(folder) if not checkpoint_problems(path)]
+    partial = (
+        f" The partial checkpoint in {STAGING_DIR}/ is never resumed from; the next save removes it."
+        if (folder / STAGING_DIR).exists()
+        else ""
+    )
+    if kept:
+        outcome = (
+            f"Kept: {', '.join(kept)}, complete.{partial} After freeing space, the same hf-rifle-train command (or "
+            f"`train(resume_from_checkpoint=True)`) resumes from {kept[-1]}."
+        )
+    else:
+        outcome = f"No checkpoint is complete yet.{partial} After freeing space, the same command starts over."
+    return (
+        f"The disk under output_dir {folder} is full: writing {what} (about {_megabytes(needed)}) failed with "
+        f"{_megabytes(shutil.disk_usage(folder).free)} free. {outcome}"
+    )
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"

@@ -23,7 +23,7 @@ import yaml
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..card import PLOT_FILE
-from ..checkpoints import check_resumable, newest_complete_checkpoint
+from ..checkpoints import check_resumable, full_disk_explained, newest_complete_checkpoint, tensor_bytes
 from ..config import RifleConfig
 from ..preemption import PreemptionCallback, parse_signals
 from .data import (
@@ -460,7 +460,8 @@ def train_evaluate_save(
     if skipped_log is not None:
         trainer.add_callback(SkippedImagesCallback(skipped_log))
     trainer.add_callback(RecordRunConfig(record))
-    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    with full_disk_explained(args.output_dir, "a checkpoint", lambda: checkpoint_bytes(trainer)):
+        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     # 4. Evaluate on validation, and on the held-out test split when the dataset has one
     metrics = {**train_result.metrics, **trainer.evaluate()}
@@ -470,17 +471,20 @@ def train_evaluate_save(
         preemption.exit_if_signaled(args, trainer.state, checkpoint=None)
 
     # 5. Save the model, its config and metrics, the card and the plot; push if asked
-    if trainer.is_world_process_zero():
-        save_image_classifier(trainer.model.to(memory_format=torch.contiguous_format), args.output_dir, processor)
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()  # trainer_state.json: the log history behind the plots
     card_kwargs = dict(
         finetuned_from=model_args.model_name_or_path or (DEMO_BASE_MODEL if data_args.demo else DEFAULT_MODEL),
         dataset=data_args.dataset_name or data_args.train_dir or f"{data_args.demo_source} digits (offline demo)",
         dataset_args=data_args.dataset_config_name,
         extra_settings=skipped_images_settings(skipped_log),
     )
-    trainer.create_model_card(**card_kwargs)
+    with full_disk_explained(
+        args.output_dir, "the final model, metrics and model card", lambda: tensor_bytes(trainer.model.state_dict())
+    ):
+        if trainer.is_world_process_zero():
+            save_image_classifier(trainer.model.to(memory_format=torch.contiguous_format), args.output_dir, processor)
+            trainer.save_metrics("all", metrics)
+            trainer.save_state()  # trainer_state.json: the log history behind the plots
+        trainer.create_model_card(**card_kwargs)
     if args.push_to_hub:
         if preemption:
             preemption.exit_if_signaled(args, trainer.state, checkpoint=None)
@@ -488,6 +492,11 @@ def train_evaluate_save(
     if trainer.is_world_process_zero():
         print(summary(metrics, trainer))
     return metrics
+
+
+def checkpoint_bytes(trainer) -> int:
+    """About what one checkpoint of `trainer` writes: the weights and the optimizer's state."""
+    return tensor_bytes(trainer.model.state_dict(), trainer.optimizer.state_dict() if trainer.optimizer else {})
 
 
 def skipped_images_settings(skipped_log) -> list[tuple[str, str]]:
