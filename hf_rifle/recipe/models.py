@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -43,7 +46,10 @@ from transformers import (
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
     TimmWrapperImageProcessor,
+    modeling_utils,
 )
+
+from ..heads import find_head
 
 PICKLE_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -51,6 +57,9 @@ NESTED_STATE_DICT_KEYS = ("state_dict", "model")
 STRIPPED_KEY_PREFIXES = ("timm_model.", "module.")
 # Keys TimmWrapperConfig keeps but whose values describe the checkpoint's old head.
 STALE_HEAD_CONFIG_KEYS = ("label_names", "label_descriptions")
+LOAD_REPORT_MARK = "LOAD REPORT"  # in the first line of transformers' report of missing, unexpected, resized weights
+
+logger = logging.getLogger(__name__)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -72,6 +81,8 @@ def load_image_classifier(
 
     A checkpoint head of a different size is re-initialized (`ignore_mismatched_sizes`); one
     of the same size is kept, as when resuming from a checkpoint fine-tuned on the same labels.
+    Replacing the head is the point of loading a classifier for new labels, so it is said in one line of our
+    own; transformers' load report, which lists it as a MISMATCH, is shown only when it reports anything else.
     """
     id2label, label2id = validated_labels(num_labels, id2label, label2id)
     if Path(model_name_or_path).is_file():
@@ -81,8 +92,52 @@ def load_image_classifier(
         )
     hub_kwargs = dict(revision=revision, cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code)
     config = with_new_labels(load_config(model_name_or_path, **hub_kwargs), id2label, label2id)
-    return AutoModelForImageClassification.from_pretrained(
-        model_name_or_path, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes, **hub_kwargs
+    with held_log_records(modeling_utils.logger) as held:
+        model, loading_info = AutoModelForImageClassification.from_pretrained(
+            model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            output_loading_info=True,
+            **hub_kwargs,
+        )
+    replaced = replaced_head(model, loading_info)
+    for record in held:
+        if not (replaced and LOAD_REPORT_MARK in record.getMessage()):
+            modeling_utils.logger.handle(record)
+    if replaced:
+        logger.warning(replaced)
+    return model
+
+
+@contextmanager
+def held_log_records(held_logger: logging.Logger) -> Iterator[list[logging.LogRecord]]:
+    """Keep the records `held_logger` emits inside the block from its handlers, in a list, to be passed on or not."""
+    held = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    held_logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        held_logger.removeFilter(hold)
+
+
+def replaced_head(model: PreTrainedModel, loading_info: dict) -> str | None:
+    """The line that says the checkpoint's head was replaced by one for our labels, when that is all the load
+    report holds (nothing missing or unexpected, and only the head's weights of another size); otherwise None."""
+    mismatched = loading_info["mismatched_keys"]
+    if not mismatched or loading_info["missing_keys"] or loading_info["unexpected_keys"]:
+        return None
+    head_name, _ = find_head(model)
+    if not all(key.startswith(f"{head_name}.") for key, _, _ in mismatched):
+        return None
+    old_classes = sorted({checkpoint_shape[0] for _, checkpoint_shape, _ in mismatched})
+    return (
+        f"Replaced the pretrained {'/'.join(map(str, old_classes))}-class head ({head_name}) by a new "
+        f"{model.config.num_labels}-class head for this dataset's labels, as intended for fine-tuning on new labels."
     )
 
 

@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it: these tests never need the Hub
 
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -75,11 +76,13 @@ def timm_hub_folder(request, tiny_timm_model, tmp_path_factory):
     save_for_hf(tiny_timm_model, folder, model_config=model_config, safe_serialization=safe_serialization)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
+    # timm >= 1.0.31 writes model_args (num_classes among them) itself, as Hub repos it uploads have them
+    config.setdefault("model_args", {"num_classes": len(SOURCE_LABELS)})
     assert config["model_args"]["num_classes"] == len(SOURCE_LABELS)
     if request.param == "legacy_config":
         for key in ("model_args", "label_names", "label_descriptions"):
             del config[key]
-        config_path.write_text(json.dumps(config))
+    config_path.write_text(json.dumps(config))
     return folder
 
 
@@ -132,6 +135,37 @@ def test_head_of_the_same_size_is_kept(timm_hub_folder, tiny_timm_model):
 
     torch.testing.assert_close(model.timm_model.fc.weight, tiny_timm_model.fc.weight)
     assert model.config.id2label == dict(enumerate(renamed))
+
+
+@pytest.fixture
+def load_logs(caplog, monkeypatch):
+    """The log records of a test, transformers' included (its loggers do not propagate to the root by default)."""
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    with caplog.at_level(logging.WARNING):
+        yield caplog
+
+
+def test_a_replaced_head_is_said_in_one_line_instead_of_the_load_report(timm_hub_folder, load_logs):
+    models.load_image_classifier(str(timm_hub_folder), **label_kwargs(NEW_LABELS))
+
+    assert [record.getMessage() for record in load_logs.records] == [
+        "Replaced the pretrained 5-class head (timm_model.fc) by a new 3-class head for this dataset's labels, "
+        "as intended for fine-tuning on new labels."
+    ]
+
+
+def test_the_load_report_stays_when_it_reports_more_than_the_head(native_hub_folder, tmp_path, load_logs):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = shutil.copytree(native_hub_folder, tmp_path / "extra-weights")
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "leftover.weight": torch.zeros(2)}, folder / "model.safetensors", metadata={"format": "pt"})
+    models.load_image_classifier(str(folder), **label_kwargs(NEW_LABELS))
+
+    (report,) = [record.getMessage() for record in load_logs.records]
+    assert "LOAD REPORT" in report and "leftover.weight" in report and "classifier.1.weight" in report
 
 
 def test_native_folder_loads_with_new_head_and_labels(native_hub_folder, tiny_native_model):
