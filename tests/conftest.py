@@ -1,18 +1,20 @@
 """Tests run offline: nothing may reach the Hugging Face Hub. The datasets cache (and the recipe's image cache in
 it) is the test session's own, so no test reads what an earlier session or a user's runs left there."""
 
-import logging
 import os
 import tempfile
+
+# Before anything imports huggingface_hub or datasets, which read these once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_rifle-tests-datasets-"))
+
+import logging
 
 import pytest
 import torch
 
 from .helpers import save_timm_hub_folder, write_image_folders
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_rifle-tests-datasets-"))
 
 
 @pytest.fixture(autouse=True)

@@ -52,22 +52,20 @@ TEARS = {
 
 @pytest.mark.parametrize("tear", list(TEARS))
 def test_a_torn_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path, tear, caplog):
-    full_model, full = trainer(tmp_path / "full")
-    full.train()
-    _, first = trainer(tmp_path / "split", max_steps=9)
+    uninterrupted_model, first = trainer(tmp_path)  # 9 steps, checkpoints at 3, 6 and 9
     first.train()
     damage, problem = TEARS[tear]
-    damage(tmp_path / "split" / "checkpoint-9")
-    (tmp_path / "split" / "checkpoint-6" / "README.md").write_text("an older, complete checkpoint")
-    resumed_model, resumed = trainer(tmp_path / "split")
+    damage(tmp_path / "checkpoint-9")
+    (tmp_path / "checkpoint-6" / "README.md").write_text("an older, complete checkpoint")
+    resumed_model, resumed = trainer(tmp_path)
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
         resumed.train(resume_from_checkpoint=True)
 
     warning = next(r.getMessage() for r in caplog.records if "is incomplete" in r.getMessage())
     assert "checkpoint-9" in warning and problem in warning
-    set_aside = [p.name for p in (tmp_path / "split").iterdir() if p.name.startswith("incomplete-checkpoint-9-")]
+    set_aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("incomplete-checkpoint-9-")]
     assert len(set_aside) == 1  # kept, not deleted
-    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+    for (name, a), b in zip(uninterrupted_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
 
 
