@@ -81,9 +81,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def reinit_messages(caplog) -> list[str]:
     """The re-init lines up to the fit test's numbers, which follow after '; '."""
-    return [
-        r.getMessage().split("; ")[0] for r in caplog.records if r.getMessage().startswith("RIFLE: re-initialized")
-    ]
+    return [r.getMessage().split("; ")[0] for r in caplog.records if r.getMessage().startswith("RIFLE: re-initialized")]
 
 
 def reinit_message(step: int) -> str:
