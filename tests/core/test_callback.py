@@ -206,6 +206,7 @@ def test_planned_and_done_reinits_and_the_fit_statistic_reach_tensorboard_and_th
     card = (tmp_path / "README.md").read_text()
     assert "| re-initialize when | fitted: at a period start only once the head has fit" in card
     assert 'Re-initializations planned: 2, done: 0 (`reinit_when="fitted"`)' in card
+    assert "In this run the head was re-drawn at a period start only once it had fit its training batches" in card
     for decision in decisions:
         assert f"| {decision.step} | {decision.loss_ratio:.3f} | no | {decision.head_age} | kept |" in card
     assert "Head re-initialized at optimizer steps: none (of 9)." in card
