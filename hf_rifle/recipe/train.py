@@ -529,6 +529,12 @@ def summary(metrics: dict[str, float], trainer) -> str:
                 f"  {split} accuracy: top-1 {100 * metrics[f'{prefix}_accuracy']:.2f}%"
                 + (f", top-5 {100 * top5:.2f}%" if top5 is not None else "")
             )
+    if decisions := trainer.reinit_decisions():
+        done = sum(decision.redrawn for decision in decisions)
+        lines.append(
+            f"  head re-initializations: {done} of {len(decisions)} planned done (reinit_when={args.reinit_when!r}): "
+            + ", ".join(decision.short() for decision in decisions)
+        )
     output_dir = Path(args.output_dir).resolve()
     lines += [f"  model and model card: {output_dir / 'README.md'}", f"  learning curve: {output_dir / PLOT_FILE}"]
     if warnings := trainer.rifle.settings_warnings:

@@ -4,6 +4,7 @@ import functools
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,14 @@ def test_demo_code_path_on_a_reduced_size(tmp_path, capsys):
     # One epoch in 2 periods: the short-period warning ends the console summary and is in the card.
     summary = printed[printed.index("fine-tuning finished") :]
     assert "warnings about this run's settings (also in the model card):\n  - RIFLE periods of 0.5 epochs" in summary
+    # 20 training images, batch 16: 2 steps, the head re-drawn at step 1 under the default reinit_when="always".
+    assert re.search(
+        r"head re-initializations: 1 of 1 planned done \(reinit_when='always'\): step 1: re-drawn \(top-class loss "
+        r"ratio 0\.\d\d\)",
+        summary,
+    )
     card = (tmp_path / "README.md").read_text()
+    assert "In this run the head was re-drawn at every period start, whether it had fit or not" in card
     assert "Warnings raised about this run's settings:\n\n- RIFLE periods of 0.5 epochs (1 epochs / K=2)" in card
     assert json.loads((tmp_path / "config.json").read_text())["architecture"] == "tf_efficientnet_lite0"
 
