@@ -1,10 +1,15 @@
 """Tests run offline: nothing may reach the Hugging Face Hub. The datasets cache (and the recipe's image cache in
-it) is the test session's own, so no test reads what an earlier session or a user's runs left there."""
+it) is the test session's own, so no test reads what an earlier session or a user's runs left there. torch runs one
+thread per process (unless OMP_NUM_THREADS says otherwise): the tests train tiny models, which gain nothing from
+more, and with a second thread a test runs about 10x slower whenever another process holds a core (measured on 2
+cores: 1.7 s against 17 s for two of tests/core/test_checkpoints.py)."""
 
 import os
 import tempfile
 
-# Before anything imports huggingface_hub or datasets, which read these once, at import.
+# Before anything imports torch, huggingface_hub or datasets, which read these once, at import; the processes tests
+# start inherit them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_rifle-tests-datasets-"))

@@ -50,13 +50,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-@pytest.mark.parametrize(
-    "memory_format",
-    [
-        pytest.param([], id="contiguous"),
-        pytest.param(["--channels_last", "True"], id="channels_last", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("memory_format", [[], ["--channels_last", "True"]], ids=["contiguous", "channels_last"])
 def test_recipe_restarted_on_its_output_dir_resumes_to_the_same_model(tmp_path, data_and_model, memory_format):
     # 24 images, batch 4: 6 steps per epoch, 18 in all; periods start at 0, 6, 12. Stop mid-period at 8.
     main(flags(tmp_path / "full", data_and_model, *memory_format))
