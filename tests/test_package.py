@@ -83,3 +83,12 @@ def test_one_docstring_dialect():
         if re.search(r"``|:param |:returns?:|:rtype:", line)
     ]
     assert not offenders, offenders
+
+
+def test_ci_runs_the_test_commands_the_readme_gives():
+    """README's quick command and the slow rest of the suite are, as written, what .ci/run runs: every test in CI."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    commands = [line for block in blocks for line in block.splitlines() if "pytest" in line]
+    assert [command.rsplit("pytest", 1)[1] for command in commands] == [' -m "not slow"', " -m slow"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert all(command in ci for command in commands), commands
