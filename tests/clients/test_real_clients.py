@@ -133,7 +133,7 @@ def test_docs_any_loop_shows_each_diff_as_it_is():
     for diff in (PATCHES / "run_image_classification_no_trainer.diff", PATCHES / "timm_train.diff"):
         assert f"```diff\n{diff.read_text()}```" in page, diff.name
     (attach_line,) = [line for line in (PATCHES / "timm_train.diff").read_text().splitlines() if "attach(" in line]
-    assert f"```python\n{add_reinit_when(attach_line[1:], 'fitted')}\n```" in page  # the line the fitted test runs
+    assert f"```text\n{add_reinit_when(attach_line[1:], 'fitted')}\n```" in page  # the line the fitted test runs
 
 
 @pytest.fixture(scope="module")
