@@ -404,8 +404,8 @@ METHODS: dict[str, dict[str, dict]] = {
     "disturb_label": _method(disturb_label=0.1),
     "rifle": _method({"reinit_when": "always"}),
     "rifle_a": _method({"head_lr_schedule": "trainer", "reinit_when": "always"}),
-    "rifle_fitted": _method({"reinit_when": "fitted"}),  # not the paper's: a re-init only once the head has fit
     "rifle_b": _method({"reinit_head": False}),
+    "rifle_fitted": _method({"reinit_when": "fitted"}),  # not the paper's: a re-init only once the head has fit
 }
 
 # The paper's search grid per method (Section 4.2): {setting: values}, to pass to `method_flags` as overrides.

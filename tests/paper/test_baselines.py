@@ -359,6 +359,7 @@ def test_every_method_parses_from_its_flags_into_its_settings(tmp_path):
         "rifle",
         "rifle_a",
         "rifle_b",
+        "rifle_fitted",
     ]
     assert method_flags("dropout") == ["--no_reinit_head", "--head_lr_schedule", "trainer", "--fc_dropout", "0.2"]
     parser = HfArgumentParser((RifleConfig, BaselineArguments))

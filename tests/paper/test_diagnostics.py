@@ -12,6 +12,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, TrainerCall
 from hf_rifle import RifleConfig, RifleTrainer, find_head
 from hf_rifle.paper.diagnostics import (
     GRAD_NORM_PREFIX,
+    HEAD_FIT_KEY,
     GradientNormCallback,
     _step_to_epoch,
     default_probe_layers,
@@ -106,8 +107,10 @@ def test_gradient_norms_are_logged_once_per_epoch_per_layer_and_equal_the_froben
         (1.0, 4, 4),
     ]
     for entry in entries:
-        expected_keys = ["epoch", "step", "grad_norm_steps"] + [GRAD_NORM_PREFIX + layer for layer in WRAPPER_PROBES]
+        expected_keys = ["epoch", "step", "grad_norm_steps", HEAD_FIT_KEY]
+        expected_keys += [GRAD_NORM_PREFIX + layer for layer in WRAPPER_PROBES]
         assert sorted(entry) == sorted(expected_keys)
+        assert 0 < entry[HEAD_FIT_KEY] <= 1  # the head's top-class loss over a uniform guess's: the fit statistic
         for layer in WRAPPER_PROBES:
             value = entry[GRAD_NORM_PREFIX + layer]
             norms = [
