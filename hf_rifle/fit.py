@@ -49,12 +49,7 @@ class FitDecision:
 
     @property
     def fit(self) -> bool:
-        return self.loss_ratio is not None and self.loss_ratio <= FITTED_LOSS_RATIO
-
-    @property
-    def time_left(self) -> bool:
-        """A new head would get at least the steps this one has had."""
-        return self.max_steps - self.step >= self.head_age
+        return has_fit(self.loss_ratio)
 
     def measured(self) -> str:
         """The statistic against the threshold, in words."""
@@ -78,7 +73,9 @@ class FitDecision:
         text = (
             f"re-initialized the head {head_name!r} {where} (period {self.period} of {num_periods}); {self.measured()}"
         )
-        if reinit_when == "always" and not (self.fit and self.time_left):
+        if reinit_when == "always" and not decide_redraw(
+            "fitted", self.loss_ratio, self.head_age, self.max_steps - self.step
+        ):
             text += "; reinit_when='fitted' would have kept it"
         return text + "."
 
@@ -109,6 +106,9 @@ def top_class_loss_ratios(logits: torch.Tensor) -> torch.Tensor:
 def decide_redraw(reinit_when: str, loss_ratio: float | None, head_age: int, steps_left: int) -> bool:
     """`"always"`: the paper's Algorithm 1. `"fitted"`: only a head shown to have fit (no statistic, no re-draw),
     and only if a new head would get at least as many steps as this one has had."""
-    if reinit_when == "always":
-        return True
-    return loss_ratio is not None and loss_ratio <= FITTED_LOSS_RATIO and steps_left >= head_age
+    return reinit_when == "always" or (has_fit(loss_ratio) and steps_left >= head_age)
+
+
+def has_fit(loss_ratio: float | None) -> bool:
+    """Whether a head whose top-class loss ratio is `loss_ratio` (None: not measured) counts as fit."""
+    return loss_ratio is not None and loss_ratio <= FITTED_LOSS_RATIO
