@@ -6,8 +6,9 @@ documented hooks and nothing else: `create_optimizer` (the head gets param group
 `create_scheduler` (those groups get the cyclic cosine), so the head's learning rate is a real one rather than a
 rescaled update and any optimizer works; `training_step` (stops on a non-finite loss); `get_train_dataloader`
 (an optional training-only collator); `create_model_card` (a card that records the method, with a plot);
-`train` and `_save_checkpoint` (crash-safe checkpoints, see `hf_rifle.checkpoints`). It also divides the loss
-by the gradient-accumulation steps for image classifiers, which plain Trainer does not.
+`init_hf_repo` and `push_to_hub` (a Hub that cannot be reached or refuses, said in one line); `train` and
+`_save_checkpoint` (crash-safe checkpoints, see `hf_rifle.checkpoints`). It also divides the loss by the
+gradient-accumulation steps for image classifiers, which plain Trainer does not.
 """
 
 import os
@@ -24,6 +25,7 @@ from .checkpoints import STAGING_DIR, check_resumable, finalize_checkpoint_, new
 from .config import RifleConfig
 from .fit import FitDecision
 from .heads import find_head
+from .hub import push_errors_explained, push_repo_id
 from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_param_groups_
 from .preemption import PreemptionCallback, parse_signals
 from .regularizers import split_backbone_and_head
@@ -201,6 +203,17 @@ class RifleTrainer(Trainer):
                     f"{callback.early_stopping_patience} evaluations"
                 )
         return "a callback set control.should_training_stop"
+
+    def init_hf_repo(self, *args, **kwargs) -> None:
+        """Trainer's repository creation (when built with `push_to_hub`), with a Hub that cannot be reached or
+        refuses said in one line that names both, before any training."""
+        with push_errors_explained(self.hub_model_id or push_repo_id(self.args), "create"):
+            super().init_hf_repo(*args, **kwargs)
+
+    def push_to_hub(self, *args, **kwargs):
+        """Trainer's upload, with a failure said in one line that also says where the saved model waits."""
+        with push_errors_explained(self.hub_model_id or push_repo_id(self.args), "upload to", self.args.output_dir):
+            return super().push_to_hub(*args, **kwargs)
 
     def create_model_card(
         self, model_name=None, finetuned_from=None, dataset=None, dataset_args=None, extra_settings=None, **kwargs

@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from ..callback import add_to_training_log_, run_before_reporting_callbacks
 from .images import CachedImages, PrepareImage, RandomCropAndFlip, cached_images
+from .sources import HubSource, cached_snapshot, hub_errors_explained, is_hub_id, where
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,11 @@ def limit_split_sizes(splits: datasets.DatasetDict, args: DataArguments, seed: i
 def _load_dataset_splits(args, seed, cache_dir, token) -> datasets.DatasetDict:
     raw = _load_hub(args, cache_dir, token) if args.dataset_name else _load_folders(args, cache_dir)
     if "train" not in raw:
-        raise ValueError(f"The dataset has no 'train' split (it has {sorted(raw)}); RIFLE fine-tuning needs one.")
+        source = dataset_source(args)
+        raise ValueError(
+            f"The {f'{source} from {where()}' if source else 'dataset'} has no 'train' split (it has "
+            f"{', '.join(sorted(raw))}); RIFLE fine-tuning needs one."
+        )
     image_col, label_col = detect_columns(raw["train"].features, args.image_column_name, args.label_column_name)
     splits = _train_validation_test(encode_labels(raw, label_col), label_col, args.train_val_split, seed)
     if args.samples_per_class is not None:
@@ -212,14 +217,29 @@ def _load_hub(args, cache_dir, token) -> datasets.DatasetDict:
                 "a script-based dataset needs datasets<4.",
                 datasets.__version__,
             )
-    return datasets.load_dataset(
-        args.dataset_name,
-        args.dataset_config_name,
-        revision=args.dataset_revision,
-        cache_dir=cache_dir,
-        token=token,
-        **extra,
-    )
+    source = dataset_source(args)
+    with hub_errors_explained(source):
+        # Offline, load_dataset would ignore the revision and take the latest prepared version: read the cache's
+        # snapshot of the revision asked for instead (see hf_rifle.recipe.sources).
+        offline_snapshot = cached_snapshot(source) if source and datasets.config.HF_HUB_OFFLINE else None
+        try:
+            return datasets.load_dataset(
+                str(offline_snapshot or args.dataset_name),
+                args.dataset_config_name,
+                revision=None if offline_snapshot else args.dataset_revision,
+                cache_dir=cache_dir,
+                token=token,
+                **extra,
+            )
+        except ValueError as error:  # an unknown configuration or split: say which dataset, where
+            raise ValueError(f"{source or repr(args.dataset_name)} from {where()}: {error}") from error
+
+
+def dataset_source(args: DataArguments) -> HubSource | None:
+    """The Hub dataset a run names, or None for local folders, a local `--dataset_name` path or the demo."""
+    if not is_hub_id(args.dataset_name):
+        return None
+    return HubSource("dataset", args.dataset_name, args.dataset_revision, "--dataset_name", "--dataset_revision")
 
 
 def _load_folders(args, cache_dir) -> datasets.DatasetDict:

@@ -50,6 +50,7 @@ from transformers import (
 )
 
 from ..heads import find_head
+from .sources import HubSource, hub_errors_explained, is_hub_id
 
 PICKLE_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -92,7 +93,8 @@ def load_image_classifier(
         )
     hub_kwargs = dict(revision=revision, cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code)
     config = with_new_labels(load_config(model_name_or_path, **hub_kwargs), id2label, label2id)
-    with held_log_records(modeling_utils.logger) as held:
+    source = model_source(model_name_or_path, revision)
+    with held_log_records(modeling_utils.logger) as held, hub_errors_explained(source):
         model, loading_info = AutoModelForImageClassification.from_pretrained(
             model_name_or_path,
             config=config,
@@ -155,20 +157,30 @@ def validated_labels(
 
 def load_config(model_name_or_path: str, **kwargs):
     """`AutoConfig.from_pretrained` with an error that says where we looked and what to check."""
-    try:
-        return AutoConfig.from_pretrained(model_name_or_path, **kwargs)
-    except OSError as error:
-        if Path(model_name_or_path).is_dir():
-            raise OSError(
-                f"Local folder {model_name_or_path!r} has no readable config.json; expected a Hub-style folder "
-                "(config.json + model.safetensors) as written by save_image_classifier, save_pretrained "
-                "or timm's save_for_hf."
-            ) from error
-        raise OSError(
-            f"{model_name_or_path!r} is neither a local folder nor a local file, and could not be fetched from "
-            "the Hugging Face Hub. Check the path or repo id, the network (is HF_HUB_OFFLINE=1 set without the "
-            "model in the cache?) and the token for private repos."
-        ) from error
+    source = model_source(model_name_or_path, kwargs.get("revision"))
+    with hub_errors_explained(source):
+        try:
+            return AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+        except OSError as error:
+            if Path(model_name_or_path).is_dir():
+                raise OSError(
+                    f"Local folder {model_name_or_path!r} has no readable config.json; expected a Hub-style folder "
+                    "(config.json + model.safetensors) as written by save_image_classifier, save_pretrained "
+                    "or timm's save_for_hf."
+                ) from error
+            if source is None:
+                raise OSError(
+                    f"{model_name_or_path!r} is neither a local folder or file nor a Hub repository id "
+                    "(namespace/name); check the path."
+                ) from error
+            raise
+
+
+def model_source(model_name_or_path: str, revision: str | None) -> HubSource | None:
+    """The Hub model a run names, or None for a local folder or file."""
+    if not is_hub_id(model_name_or_path):
+        return None
+    return HubSource("model", model_name_or_path, revision, "--model_name_or_path", "--model_revision")
 
 
 def with_new_labels(config, id2label: dict[int, str], label2id: dict[str, int]):
@@ -398,7 +410,8 @@ def image_processor_for(model: PreTrainedModel, resize_size: int, crop_size: int
         return TimmWrapperImageProcessor(
             pretrained_cfg=model.config.pretrained_cfg, architecture=model.config.architecture
         )
-    return AutoImageProcessor.from_pretrained(model.name_or_path, **hub_kwargs)
+    with hub_errors_explained(model_source(model.name_or_path, hub_kwargs.get("revision"))):
+        return AutoImageProcessor.from_pretrained(model.name_or_path, **hub_kwargs)
 
 
 def image_processing_config(model: PreTrainedModel, image_processor=None) -> dict:

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 import transformers
 import yaml
+from huggingface_hub import HfApi
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from ..card import PLOT_FILE
 from ..checkpoints import check_resumable, full_disk_explained, newest_complete_checkpoint, tensor_bytes
 from ..config import RifleConfig
+from ..hub import push_errors_explained, push_repo_id
 from ..preemption import PreemptionCallback, parse_signals
 from .data import (
     DataArguments,
@@ -34,6 +36,7 @@ from .data import (
     apply_transforms,
     collate_fn,
     count_skipped_rows,
+    dataset_source,
     detect_columns,
     label_names,
     load_splits,
@@ -46,8 +49,10 @@ from .models import (
     image_processor_for,
     load_image_classifier,
     load_timm_weights_file,
+    model_source,
     save_image_classifier,
 )
+from .sources import HubSource, loaded_commit, revision_record
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +91,7 @@ OPERATIONAL_SETTINGS = {
     "ddp_timeout",
     "local_rank",
     "cache_dir",
+    "prepare_only",
     "image_cache",
     "image_cache_max_gb",
     "preemption_signals",
@@ -144,6 +150,14 @@ class ModelArguments:
     )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the Hub model."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub models and datasets are cached."})
+    prepare_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Fetch the dataset and the model, at their revisions, into the cache and exit without training "
+            "or writing --output_dir: run it where there is network, then the same command without this flag and "
+            "with HF_HUB_OFFLINE=1 on machines without (docs/distributed.md)."
+        },
+    )
     ignore_mismatched_sizes: bool = field(
         default=True,
         metadata={"help": "Replace a pretrained head of another size by a new one (needed for new labels)."},
@@ -353,12 +367,20 @@ def main(
     # The token goes where huggingface_hub reads it, never into training_args.bin, logs or the card.
     if args.hub_token:
         os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
+    if run.model.prepare_only:
+        return prepare(run)
     set_seed(args.seed)
     record = run_record(run)
     if args.resume_from_checkpoint:  # named explicitly: refused now if incomplete, before data or model load
         check_resumable(args.resume_from_checkpoint)
     newest_checkpoint = resume_point(args.output_dir, record)  # also refuses another run's output_dir
     last_checkpoint = args.resume_from_checkpoint or newest_checkpoint
+
+    if args.push_to_hub and args.process_index == 0:
+        # Trainer creates the repository only once data and model are loaded: a Hub that cannot be reached, or a
+        # token that cannot write, is said now instead.
+        with push_errors_explained(push_repo_id(args), "create"):
+            HfApi().create_repo(push_repo_id(args), private=args.hub_private_repo, exist_ok=True)
 
     # Signals are recorded from here on: one during data loading or the image cache build lets it finish (the next
     # run reuses the cache), then stops the run at train begin; see hf_rifle.preemption.
@@ -396,14 +418,7 @@ def train_evaluate_save(
     # other ranks then read
     skipped_log = Path(args.output_dir, SKIPPED_IMAGES_FILE) if data_args.skip_unreadable_images else None
     with args.main_process_first(desc="loading the dataset"):
-        if data_args.demo:
-            splits = load_demo_splits(data_args, args.seed)
-        else:
-            splits = load_splits(data_args, args.seed, cache_dir=model_args.cache_dir)
-        image_column, label_column = detect_columns(
-            splits["train"].features, data_args.image_column_name, data_args.label_column_name
-        )
-        names = label_names(splits["train"].features, label_column)
+        splits, image_column, label_column, names = load_labeled_splits(run)
         inputs = apply_transforms(
             splits,
             image_column,
@@ -475,7 +490,7 @@ def train_evaluate_save(
         finetuned_from=model_args.model_name_or_path or (DEMO_BASE_MODEL if data_args.demo else DEFAULT_MODEL),
         dataset=data_args.dataset_name or data_args.train_dir or f"{data_args.demo_source} digits (offline demo)",
         dataset_args=data_args.dataset_config_name,
-        extra_settings=skipped_images_settings(skipped_log),
+        extra_settings=[*skipped_images_settings(skipped_log), *hub_revisions(run)],
     )
     with full_disk_explained(
         args.output_dir, "the final model, metrics and model card", lambda: tensor_bytes(trainer.model.state_dict())
@@ -492,6 +507,58 @@ def train_evaluate_save(
     if trainer.is_world_process_zero():
         print(summary(metrics, trainer))
     return metrics
+
+
+def load_labeled_splits(run: RecipeArguments):
+    """The run's splits (Hub, folders or the demo's digits), their image and label columns, and the class names."""
+    model_args, data_args, args = run.model, run.data, run.training
+    if data_args.demo:
+        splits = load_demo_splits(data_args, args.seed)
+    else:
+        splits = load_splits(data_args, args.seed, cache_dir=model_args.cache_dir)
+    image_column, label_column = detect_columns(
+        splits["train"].features, data_args.image_column_name, data_args.label_column_name
+    )
+    return splits, image_column, label_column, label_names(splits["train"].features, label_column)
+
+
+def hub_sources(run: RecipeArguments) -> list[tuple[HubSource, str | None]]:
+    """The run's Hub dataset and model, if any, each with the cache it is in (None: huggingface_hub's own)."""
+    model_name = run.model.model_name_or_path or (None if run.data.demo else DEFAULT_MODEL)
+    sources = [
+        (dataset_source(run.data), None),
+        (model_source(model_name, run.model.model_revision), run.model.cache_dir),
+    ]
+    return [(source, cache_dir) for source, cache_dir in sources if source]
+
+
+def hub_revisions(run: RecipeArguments) -> list[tuple[str, str]]:
+    """The card's record of what was read from the Hub: each revision asked for, and the commit it was."""
+    lines = []
+    for source, cache_dir in hub_sources(run):
+        lines += revision_record(source, loaded_commit(source, cache_dir))
+    return lines
+
+
+def prepare(run: RecipeArguments) -> dict:
+    """`--prepare_only`: load the dataset and the model, with its image processor, exactly as training would, which
+    fetches them into the cache; print what was fetched, and write nothing else."""
+    model_args, data_args = run.model, run.data
+    *_, names = load_labeled_splits(run)
+    with tempfile.TemporaryDirectory() as workdir:
+        model = load_model(model_args, data_args, names, workdir)
+    hub_kwargs = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    image_processor_for(model, data_args.resize_size, data_args.crop_size, **hub_kwargs)
+    fetched = [f"{source}, commit {loaded_commit(source, cache_dir)}" for source, cache_dir in hub_sources(run)]
+    print(
+        "Fetched into the cache: "
+        + ("; ".join(fetched) if fetched else "nothing (no Hub dataset or model named)")
+        + ". Train on a machine without network with the same command, without --prepare_only, with HF_HUB_OFFLINE=1"
+        + " and the same cache (HF_HOME"
+        + (", --cache_dir" if model_args.cache_dir else "")
+        + ")."
+    )
+    return {}
 
 
 def checkpoint_bytes(trainer) -> int:

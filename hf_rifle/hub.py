@@ -1,0 +1,79 @@
+"""Errors from the Hugging Face Hub, said in one line that names the Hub, the repository and the way out.
+
+huggingface_hub, datasets and transformers report a Hub that cannot be reached, or a repository that does not
+exist, as a chain of exceptions ending deep in the HTTP client (httpx, or httpx2 from huggingface_hub 2): these
+helpers read that chain and say what failed, where, and what to do, without the client's traceback.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from huggingface_hub import constants
+from huggingface_hub.errors import HfHubHTTPError
+
+# Exception classes, by name in their class hierarchy, that mean the server was not reached: httpx and httpx2 name
+# their base TransportError, requests and builtins ConnectionError.
+UNREACHABLE_CLASS_NAMES = {"TransportError", "ConnectionError", "TimeoutError", "OfflineModeIsEnabled"}
+
+
+def hub_endpoint() -> str:
+    """The Hub this process talks to: `HF_ENDPOINT` as huggingface_hub read it at import."""
+    return constants.ENDPOINT
+
+
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what caused it (`raise ... from`) or was being handled when it was raised, outermost first."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether the chain holds a failure to reach the server (refused, unknown host, timed out, offline mode)."""
+    return any(
+        cls.__name__ in UNREACHABLE_CLASS_NAMES for cause in exception_chain(error) for cls in type(cause).__mro__
+    )
+
+
+def innermost_reason(error: BaseException) -> str:
+    """The first line of the deepest exception of the chain, with its type: what actually failed."""
+    *_, innermost = exception_chain(error)
+    first_line = str(innermost).strip().splitlines()[0] if str(innermost).strip() else ""
+    return f"{type(innermost).__name__}: {first_line}" if first_line else type(innermost).__name__
+
+
+def push_repo_id(args) -> str:
+    """The repository `push_to_hub` creates and uploads to, by Trainer's rule: `hub_model_id`, else the name of
+    the output folder (in the token owner's namespace)."""
+    return args.hub_model_id or Path(args.output_dir).absolute().name
+
+
+@contextmanager
+def push_errors_explained(repo_id: str, action: str, output_dir: str | None = None):
+    """Turn a failed repository creation or upload into an error that says which Hub, which repository, and
+    what to do; after training (`output_dir` given) it also says that nothing was lost and how to upload later."""
+    try:
+        yield
+    except Exception as error:
+        if not (is_unreachable(error) or any(isinstance(e, HfHubHTTPError) for e in exception_chain(error))):
+            raise
+        saved = (
+            f" The model, its card and metrics are saved in {Path(output_dir).resolve()}: upload them later with "
+            f"`hf upload {repo_id} {output_dir}`."
+            if output_dir
+            else ""
+        )
+        if is_unreachable(error):
+            raise ConnectionError(
+                f"The Hub at {hub_endpoint()} could not be reached to {action} {repo_id} ({innermost_reason(error)})."
+                f"{saved} Check the network and HF_ENDPOINT, or drop --push_to_hub (push_to_hub=False) to train "
+                "without uploading."
+            ) from None
+        raise PermissionError(
+            f"The Hub at {hub_endpoint()} refused to {action} {repo_id} ({innermost_reason(error)}).{saved} Check "
+            "that the token can write there (`hf auth login`, HF_TOKEN or --hub_token), the repository id "
+            "(--hub_model_id) and HF_ENDPOINT, or drop --push_to_hub (push_to_hub=False) to train without uploading."
+        ) from None
