@@ -231,8 +231,9 @@ def _load_hub(args, cache_dir, token) -> datasets.DatasetDict:
                 token=token,
                 **extra,
             )
-        except ValueError as error:  # an unknown configuration or split: say which dataset, where
-            raise ValueError(f"{source or repr(args.dataset_name)} from {where()}: {error}") from error
+        except ValueError as error:  # an unknown configuration (--dataset_config_name), say: which dataset, where
+            described = source or repr(args.dataset_name)
+            raise ValueError(f"Loading the {described} from {where()} failed: {error}") from error
 
 
 def dataset_source(args: DataArguments) -> HubSource | None:

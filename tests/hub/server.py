@@ -121,14 +121,18 @@ class LoopbackHub:
                 (folder / f"{name}.body").write_text(body)
 
     def env(self, hf_home: Path, **extra: str) -> dict[str, str]:
-        """The environment of a process that uses this Hub, with its own cache `hf_home` and no token."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-        return {
-            **env,
-            "HF_ENDPOINT": self.endpoint,
-            "HF_HOME": str(hf_home),
-            "HF_UPDATE_DOWNLOAD_COUNTS": "0",  # datasets' download counter would call a host of its own
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "PYTHONUNBUFFERED": "1",
-            **extra,
-        }
+        return hub_env(self.endpoint, hf_home, **extra)
+
+
+def hub_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a process that uses the Hub at `endpoint`, with its own cache `hf_home` and no token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    return {
+        **env,
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(hf_home),
+        "HF_UPDATE_DOWNLOAD_COUNTS": "0",  # datasets' download counter would call a host of its own
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
