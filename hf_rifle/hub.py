@@ -69,8 +69,8 @@ def push_errors_explained(repo_id: str, action: str, output_dir: str | None = No
         if is_unreachable(error):
             raise ConnectionError(
                 f"The Hub at {hub_endpoint()} could not be reached to {action} {repo_id} ({innermost_reason(error)})."
-                f"{saved} Check the network and HF_ENDPOINT, or drop --push_to_hub (push_to_hub=False) to train "
-                "without uploading."
+                f"{saved} Check the network and HF_ENDPOINT, and that your token can write there (`hf auth login`, "
+                "HF_TOKEN or --hub_token); or drop --push_to_hub (push_to_hub=False) to train without uploading."
             ) from None
         raise PermissionError(
             f"The Hub at {hub_endpoint()} refused to {action} {repo_id} ({innermost_reason(error)}).{saved} Check "

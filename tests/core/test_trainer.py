@@ -244,3 +244,24 @@ def test_train_data_collator_changes_training_batches_only(tmp_path):
     assert torch.equal(evaluated, data.labels)
     trained = next(iter(trainer.get_train_dataloader()))["labels"]  # shuffled: compare label counts
     assert sorted(trained.tolist()) == sorted(((data.labels + 1) % 4).tolist())
+
+
+def test_a_hub_that_cannot_be_reached_is_one_line_at_repo_creation_and_upload(tmp_path):
+    """The tests run with HF_HUB_OFFLINE=1, which huggingface_hub treats as a Hub it cannot reach."""
+    output_dir = tmp_path / "run"
+    with pytest.raises(ConnectionError) as creation:
+        RifleTrainer(
+            model=native_resnet(),
+            args=rifle_config(output_dir, push_to_hub=True, hub_model_id="someone/rifle-run"),
+            train_dataset=RandomImages(),
+        )
+    assert str(creation.value).startswith("The Hub at https://huggingface.co could not be reached to create ")
+    assert "someone/rifle-run (OfflineModeIsEnabled" in str(creation.value)
+    assert "drop --push_to_hub (push_to_hub=False)" in str(creation.value)
+    assert creation.value.__suppress_context__  # no traceback into huggingface_hub's HTTP client
+
+    trainer = RifleTrainer(model=native_resnet(), args=rifle_config(output_dir), train_dataset=RandomImages())
+    trainer.hub_model_id = "someone/rifle-run"  # as after a repository creation that succeeded
+    with pytest.raises(ConnectionError, match="could not be reached to upload to someone/rifle-run") as upload:
+        trainer.push_to_hub()
+    assert f"saved in {output_dir.resolve()}: upload them later with `hf upload someone/rifle-run" in str(upload.value)

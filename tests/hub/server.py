@@ -1,7 +1,9 @@
 """A real Hub-protocol server on loopback: olah, in offline mode, serving git work trees the tests build.
 
 huggingface_hub, datasets, transformers and timm reach it through `HF_ENDPOINT`, which they read once at import,
-so everything that talks to it runs in a subprocess started with `LoopbackHub.env()`.
+so everything that talks to it runs in a subprocess started with `LoopbackHub.env()`. olah is the `test` extra's;
+`HF_RIFLE_OLAH` names another olah-cli (the lowest-versions run takes the main venv's: olah needs a newer
+huggingface_hub than the floor it tests).
 
 olah 0.5.4 in offline mode answers a request that needs the upstream Hub (a missing file at a branch name, or
 `/api/{models,datasets}/ORG/NAME` without a revision) with 401 "repo not found"; it answers them from its revision
@@ -29,6 +31,7 @@ metadata-cache-ttl = 1000000000
 offline = true
 """
 KIND_FOLDERS = {"model": "models", "dataset": "datasets"}
+SITE_CUSTOMIZE = Path(__file__).with_name("site")  # switches datasets' parquet-export lookup off in every process
 
 
 def free_port() -> int:
@@ -56,7 +59,7 @@ class LoopbackHub:
         self.process = None
 
     def start(self) -> None:
-        olah = Path(sys.executable).with_name("olah-cli")
+        olah = os.environ.get("HF_RIFLE_OLAH") or Path(sys.executable).with_name("olah-cli")
         log = open(self.root / "olah.out", "a")  # noqa: SIM115 - olah writes to it until stopped
         self.process = subprocess.Popen(
             [str(olah), "-c", str(self.config), "--log-path", str(self.logs)], stdout=log, stderr=log
@@ -132,6 +135,7 @@ def hub_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
         "HF_ENDPOINT": endpoint,
         "HF_HOME": str(hf_home),
         "HF_UPDATE_DOWNLOAD_COUNTS": "0",  # datasets' download counter would call a host of its own
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(SITE_CUSTOMIZE), env.get("PYTHONPATH")])),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "PYTHONUNBUFFERED": "1",
         **extra,
