@@ -9,10 +9,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import RifleConfig
 from .fit import FITTED_LOSS_RATIO, FitDecision
+from .hub import is_hub_id
 
 CARD_TEMPLATE_NAME = "rifle_image_classifier.md"
 PLOT_FILE = "learning_curve.png"
@@ -220,13 +220,7 @@ def run_settings(args: RifleConfig) -> list[tuple[str, str]]:
 
 def _hub_id(name: str | None) -> str | None:
     """Only Hub ids go into metadata and links; local paths and descriptions would not resolve for a reader."""
-    if not name or Path(name).exists():
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
+    return name if is_hub_id(name) else None
 
 
 def _plain(value) -> str:

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import constants
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 # Exception classes, by name in their class hierarchy, that mean the server was not reached: httpx and httpx2 name
 # their base TransportError, requests and builtins ConnectionError.
@@ -20,6 +21,17 @@ UNREACHABLE_CLASS_NAMES = {"TransportError", "ConnectionError", "TimeoutError", 
 def hub_endpoint() -> str:
     """The Hub this process talks to: `HF_ENDPOINT` as huggingface_hub read it at import."""
     return constants.ENDPOINT
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` names a Hub repository rather than something on this disk."""
+    if not name or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def exception_chain(error: BaseException) -> Iterator[BaseException]:

@@ -23,8 +23,9 @@ from packaging.version import Version
 from transformers import TrainerCallback
 
 from ..callback import add_to_training_log_, run_before_reporting_callbacks
+from ..hub import is_hub_id
 from .images import CachedImages, PrepareImage, RandomCropAndFlip, cached_images
-from .sources import HubSource, cached_snapshot, hub_errors_explained, is_hub_id, where
+from .sources import HubSource, cached_snapshot, hub_errors_explained, where
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,8 @@ from transformers import (
 )
 
 from ..heads import find_head
-from .sources import HubSource, hub_errors_explained, is_hub_id
+from ..hub import is_hub_id
+from .sources import HubSource, hub_errors_explained
 
 PICKLE_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"

@@ -10,21 +10,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import (
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from ..hub import exception_chain, hub_endpoint, innermost_reason, is_unreachable
-
-try:
-    from datasets.exceptions import DatasetNotFoundError
-except ImportError:  # datasets < 2.19
-    DatasetNotFoundError = RepositoryNotFoundError
 
 NOT_FOUND_ERRORS = (RepositoryNotFoundError, RevisionNotFoundError, DatasetNotFoundError)
 PREPARE_HINT = (
@@ -53,17 +43,6 @@ class HubSource:
 
     def __str__(self) -> str:
         return f"{self.kind} {self.repo_id!r} at revision {self.ref!r}"
-
-
-def is_hub_id(name: str | None) -> bool:
-    """Whether `name` names a Hub repository rather than something on this disk."""
-    if not name or Path(name).exists():
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def where() -> str:

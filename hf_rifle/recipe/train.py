@@ -450,6 +450,7 @@ def train_evaluate_save(
         cache_dir=model_args.cache_dir,
     )
     preprocessing = image_processing_config(model, processor)
+    revisions = hub_revisions(run)  # now: a branch fetched again later by another run may point elsewhere
     channels_last = model_args.channels_last
     if channels_last is None:
         channels_last = torch.cuda.is_available() and is_convolutional(model)
@@ -490,7 +491,7 @@ def train_evaluate_save(
         finetuned_from=model_args.model_name_or_path or (DEMO_BASE_MODEL if data_args.demo else DEFAULT_MODEL),
         dataset=data_args.dataset_name or data_args.train_dir or f"{data_args.demo_source} digits (offline demo)",
         dataset_args=data_args.dataset_config_name,
-        extra_settings=[*skipped_images_settings(skipped_log), *hub_revisions(run)],
+        extra_settings=[*skipped_images_settings(skipped_log), *revisions],
     )
     with full_disk_explained(
         args.output_dir, "the final model, metrics and model card", lambda: tensor_bytes(trainer.model.state_dict())
