@@ -27,15 +27,11 @@ PREPARE_HINT = (
 class HubSource:
     """A repository the recipe reads from the Hub, and the flags that name it (for error messages)."""
 
-    kind: str  # "dataset" or "model"
+    kind: str  # "dataset" or "model": huggingface_hub's repo_type
     repo_id: str
     revision: str | None
     id_flag: str
     revision_flag: str
-
-    @property
-    def repo_type(self) -> str:
-        return "dataset" if self.kind == "dataset" else "model"
 
     @property
     def ref(self) -> str:
@@ -90,7 +86,7 @@ def cached_snapshot(source: HubSource, cache_dir: str | None = None) -> Path:
     return Path(
         snapshot_download(
             source.repo_id,
-            repo_type=source.repo_type,
+            repo_type=source.kind,
             revision=source.ref,
             cache_dir=cache_dir,
             local_files_only=True,
@@ -98,19 +94,15 @@ def cached_snapshot(source: HubSource, cache_dir: str | None = None) -> Path:
     )
 
 
-def loaded_commit(source: HubSource | None, cache_dir: str | None = None) -> str | None:
+def loaded_commit(source: HubSource, cache_dir: str | None = None) -> str | None:
     """The commit of `source` a run just loaded (its revision as the cache resolved it), or None when unknown."""
-    if source is None:
-        return None
     try:
         return cached_snapshot(source, cache_dir).name
     except LocalEntryNotFoundError:
         return None
 
 
-def revision_record(source: HubSource | None, commit: str | None) -> list[tuple[str, str]]:
+def revision_record(source: HubSource, commit: str | None) -> tuple[str, str]:
     """The card's line for a Hub source: the revision asked for and the commit it was."""
-    if source is None:
-        return []
     resolved = "" if commit in (None, source.ref) else f" (commit {commit})"
-    return [(f"{source.kind} revision", f"{source.ref}{resolved}")]
+    return f"{source.kind} revision", f"{source.ref}{resolved}"

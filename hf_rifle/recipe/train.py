@@ -535,10 +535,7 @@ def hub_sources(run: RecipeArguments) -> list[tuple[HubSource, str | None]]:
 
 def hub_revisions(run: RecipeArguments) -> list[tuple[str, str]]:
     """The card's record of what was read from the Hub: each revision asked for, and the commit it was."""
-    lines = []
-    for source, cache_dir in hub_sources(run):
-        lines += revision_record(source, loaded_commit(source, cache_dir))
-    return lines
+    return [revision_record(source, loaded_commit(source, cache_dir)) for source, cache_dir in hub_sources(run)]
 
 
 def prepare(run: RecipeArguments) -> dict:
