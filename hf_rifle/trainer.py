@@ -21,7 +21,14 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback
 from .card import PLOT_FILE, plot_learning_curve, render_model_card
-from .checkpoints import STAGING_DIR, check_resumable, finalize_checkpoint_, newest_complete_checkpoint
+from .checkpoints import (
+    STAGING_DIR,
+    check_resumable,
+    finalize_checkpoint_,
+    full_disk_explained,
+    newest_complete_checkpoint,
+    tensor_bytes,
+)
 from .config import RifleConfig
 from .fit import FitDecision
 from .heads import find_head
@@ -100,7 +107,7 @@ class RifleTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint into a staging folder, flush it and mark it complete, then rename it into place:
         a process killed at any moment leaves either no `checkpoint-N` or a complete one. Old checkpoints are
-        rotated out only after the new one is in place."""
+        rotated out only after the new one is in place. A full disk is said as such (`full_disk_explained`)."""
         run_dir = Path(self._get_output_dir(trial))
         staging = run_dir / STAGING_DIR
         name = f"checkpoint-{self.state.global_step}"
@@ -109,7 +116,8 @@ class RifleTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._checkpoint_staging = staging
         try:
-            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N (see _get_output_dir)
+            with full_disk_explained(run_dir, "a checkpoint", self.checkpoint_bytes):
+                super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N (see _get_output_dir)
         finally:
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states are per rank)
@@ -130,6 +138,10 @@ class RifleTrainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+    def checkpoint_bytes(self) -> int:
+        """About what one checkpoint writes: the weights and the optimizer's state."""
+        return tensor_bytes(self.model.state_dict(), self.optimizer.state_dict() if self.optimizer else {})
 
     def _get_output_dir(self, trial) -> str:
         staging = self._checkpoint_staging

@@ -476,8 +476,7 @@ def train_evaluate_save(
     if skipped_log is not None:
         trainer.add_callback(SkippedImagesCallback(skipped_log))
     trainer.add_callback(RecordRunConfig(record))
-    with full_disk_explained(args.output_dir, "a checkpoint", lambda: checkpoint_bytes(trainer)):
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     # 4. Evaluate on validation, and on the held-out test split when the dataset has one
     metrics = {**train_result.metrics, **trainer.evaluate()}
@@ -557,11 +556,6 @@ def prepare(run: RecipeArguments) -> dict:
         + ")."
     )
     return {}
-
-
-def checkpoint_bytes(trainer) -> int:
-    """About what one checkpoint of `trainer` writes: the weights and the optimizer's state."""
-    return tensor_bytes(trainer.model.state_dict(), trainer.optimizer.state_dict() if trainer.optimizer else {})
 
 
 def skipped_images_settings(skipped_log) -> list[tuple[str, str]]:

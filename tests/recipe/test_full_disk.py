@@ -1,6 +1,6 @@
 """A disk that fills up under a recipe run, on a real tmpfs mounted by the test: the run stops with an error that
 says the disk is full, how much the write needs and what is kept, and once space is freed the same command ends
-with the weights of a run that never ran out of space."""
+with the weights of a run that never ran out of space. RifleTrainer on its own says the same."""
 
 import errno
 import os
@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
+from hf_rifle import RifleConfig, RifleTrainer
 from hf_rifle.checkpoints import checkpoint_problems
 from hf_rifle.recipe import main
 
+from ..helpers import RandomImages, native_resnet, tiny_run_settings
 from .test_preemption import assert_same_weights
 from .test_preemption import flags as checkpoint_every_4_steps
 
@@ -117,3 +119,22 @@ def test_a_full_disk_at_the_final_model_says_so_and_the_same_command_writes_it(
     main(argv)
     assert_same_weights(uninterrupted, output_dir)
     assert "L2-SP" in (output_dir / "README.md").read_text()
+
+
+def test_rifle_trainer_outside_the_recipe_says_a_full_disk_as_such(small_disk):
+    """The translation lives in RifleTrainer's checkpoint save, so a Trainer user's own script gets it too."""
+    output_dir = small_disk / "run"
+    trainer = RifleTrainer(
+        model=native_resnet(),
+        args=RifleConfig(**tiny_run_settings(output_dir, save_strategy="steps", save_steps=3)),
+        train_dataset=RandomImages(),
+    )
+    fill(small_disk, leave=16_000)
+    with pytest.raises(OSError) as stopped:
+        trainer.train()
+
+    assert stopped.value.errno == errno.ENOSPC
+    message = str(stopped.value)
+    assert f"The disk under output_dir {output_dir} is full: writing a checkpoint (about " in message
+    assert "No checkpoint is complete yet." in message
+    assert not (output_dir / "checkpoint-3").exists()
