@@ -160,6 +160,12 @@ class PreemptionCallback(TrainerCallback):
             if self.recorder.received is not None:  # after the last step boundary: delivered as if never caught
                 signal.raise_signal(self.recorder.received)
 
+    def release(self) -> None:
+        """Give back the handlers installed at train begin where training ended by an exception, so on_train_end
+        never ran (`RifleTrainer.train` calls it); handlers installed earlier with `install()` stay with its caller."""
+        if self._installed_at_train_begin:
+            self.recorder.restore()
+
     def exit_if_signaled(self, args, state, checkpoint: str | None) -> None:
         """At a point every rank reaches: raise `TrainingPreempted` there if any rank has received a signal."""
         if self.agreed(args):

@@ -92,7 +92,8 @@ class RifleTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints: `True` takes the newest complete one (torn
-        ones are set aside with a warning), and a named checkpoint that is incomplete is refused before training."""
+        ones are set aside with a warning), and a named checkpoint that is incomplete is refused before training.
+        The preemption handlers installed at train begin are given back however training ends."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -102,7 +103,12 @@ class RifleTrainer(Trainer):
                 )
         elif resume_from_checkpoint:
             check_resumable(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:  # a run that raised (a full disk, say) gives the signals back too, not only one that ended
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, PreemptionCallback):
+                    callback.release()
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint into a staging folder, flush it and mark it complete, then rename it into place:

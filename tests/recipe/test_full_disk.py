@@ -5,6 +5,7 @@ with the weights of a run that never ran out of space. RifleTrainer on its own s
 import errno
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -130,9 +131,11 @@ def test_rifle_trainer_outside_the_recipe_says_a_full_disk_as_such(small_disk):
         train_dataset=RandomImages(),
     )
     fill(small_disk, leave=16_000)
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(OSError) as stopped:
         trainer.train()
 
+    assert signal.getsignal(signal.SIGTERM) is handler  # the preemption handler is given back after an error too
     assert stopped.value.errno == errno.ENOSPC
     message = str(stopped.value)
     assert f"The disk under output_dir {output_dir} is full: writing a checkpoint (about " in message
