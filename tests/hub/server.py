@@ -1,9 +1,8 @@
 """A real Hub-protocol server on loopback: olah, in offline mode, serving git work trees the tests build.
 
 huggingface_hub, datasets, transformers and timm reach it through `HF_ENDPOINT`, which they read once at import,
-so everything that talks to it runs in a subprocess started with `LoopbackHub.env()`. olah is the `test` extra's;
-`HF_RIFLE_OLAH` names another olah-cli (the lowest-versions run takes the main venv's: olah needs a newer
-huggingface_hub than the floor it tests).
+so everything that talks to it runs in a subprocess started with `LoopbackHub.env()`. olah comes with the `test`
+extra, beside the python running the tests.
 
 olah 0.5.4 in offline mode answers a request that needs the upstream Hub (a missing file at a branch name, or
 `/api/{models,datasets}/ORG/NAME` without a revision) with 401 "repo not found"; it answers them from its revision
@@ -59,7 +58,7 @@ class LoopbackHub:
         self.process = None
 
     def start(self) -> None:
-        olah = os.environ.get("HF_RIFLE_OLAH") or Path(sys.executable).with_name("olah-cli")
+        olah = Path(sys.executable).with_name("olah-cli")
         log = open(self.root / "olah.out", "a")  # noqa: SIM115 - olah writes to it until stopped
         self.process = subprocess.Popen(
             [str(olah), "-c", str(self.config), "--log-path", str(self.logs)], stdout=log, stderr=log
