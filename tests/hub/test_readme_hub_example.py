@@ -1,7 +1,8 @@
 """README's Hub training command, read from README at test time and run as written against the loopback Hub, which
 serves stand-ins under the real ids: `ethz/food101` (four of its classes, a few images each) and
-`timm/resnet50.a1_in1k` (the real architecture in timm's Hub format, random weights). Only the output folder is
-replaced, and flags appended after the command shrink the run (argparse keeps a flag's last value)."""
+`timm/resnet50.a1_in1k` (the real architecture in timm's Hub format, random weights). Flags appended after the
+command (the tests' `recipe_flags`) give it a temporary output folder and shrink the run (argparse keeps a flag's
+last value)."""
 
 import json
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
+from ..helpers import recipe_flags
 from .conftest import run_recipe
 from .repos import write_parquet_dataset
 
@@ -19,26 +21,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 README = Path(__file__).parents[2] / "README.md"
 COMMAND_START = "hf-rifle-train --model_name_or_path"
 FOOD101_CLASSES = ["apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio"]  # Food-101's first four
-SMALL_RUN = [
-    "--samples_per_class",
-    "2",
-    "--num_train_epochs",
-    "1",
-    "--per_device_train_batch_size",
-    "4",
-    "--num_periods",
-    "2",  # 4 classes x 2 images in batches of 4: 2 optimizer steps, one per period
-    "--resize_size",
-    "32",
-    "--crop_size",
-    "28",
-    "--dataloader_num_workers",
-    "0",
-    "--disable_tqdm",
-    "True",
-    "--save_strategy",
-    "no",
-]
 
 
 def readme_hub_command() -> list[str]:
@@ -49,11 +31,6 @@ def readme_hub_command() -> list[str]:
             if command.startswith(COMMAND_START):
                 return shlex.split(command, comments=True)
     raise AssertionError(f"README's 'The training recipe' has no ```bash command starting with {COMMAND_START!r}")
-
-
-def with_output_dir(argv: list[str], output_dir: Path) -> list[str]:
-    index = argv.index("--output_dir")
-    return [*argv[: index + 1], str(output_dir), *argv[index + 2 :]]
 
 
 def write_resnet50_a1(folder: Path) -> Path:
@@ -77,7 +54,9 @@ def test_readmes_hub_command_trains_by_name_and_the_card_records_both_revisions(
     resnet50 = hub.publish("model", "timm/resnet50.a1_in1k", write_resnet50_a1(tmp_path / "resnet50"))
     output_dir = tmp_path / "run"
 
-    result = run_recipe(hub.env(tmp_path / "hf-home"), *with_output_dir(argv[1:], output_dir), *SMALL_RUN)
+    # 4 classes x 2 images in batches of 4, one epoch: 2 optimizer steps, one per period
+    small_run = recipe_flags(output_dir, "--samples_per_class", "2", "--num_train_epochs", "1")
+    result = run_recipe(hub.env(tmp_path / "hf-home"), *argv[1:], *small_run)
 
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((output_dir / "config.json").read_text())["label_names"] == FOOD101_CLASSES
