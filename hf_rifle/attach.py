@@ -10,8 +10,10 @@ timm's `NativeScaler`:
   shares a param group with the backbone;
 - after it: the head's update is rescaled to its cyclic learning rate, and the step counter advances;
 - at the first forward in training mode of a step that starts a period: the head is re-drawn (with
-  `reinit_when="fitted"`, only if it has fit: `hf_rifle.fit`). Not after the last update of a period, since loops
-  evaluate and save checkpoints in between, which must see the trained head;
+  `reinit_when="fitted"`, the default, only if it has fit: `hf_rifle.fit`). Not after the last update of a period,
+  since loops evaluate and save checkpoints in between, which must see the trained head. A head kept at a period
+  start follows the backbone's learning rate until the next re-draw instead of restarting its cosine: a run whose
+  every planned re-init is skipped is then plain fine-tuning after its first period;
 - after the head's forward in training mode, in the last tenth of a period that ends in a re-init: its top-class
   loss (the fit test's statistic) is added up, and summed over ranks after each of those updates, so every rank
   decides alike.
@@ -29,8 +31,16 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from .config import DEFAULT_REINIT_WHEN, check_method_settings
-from .fit import FitDecision, decide_redraw, fit_windows, top_class_loss_ratios
+from .config import check_method_settings
+from .fit import (
+    DEFAULT_REINIT_WHEN,
+    UNRECORDED_REINIT_WHEN,
+    FitDecision,
+    decide_redraw,
+    fit_windows,
+    late_redraw_steps,
+    top_class_loss_ratios,
+)
 from .functional import HeadReinit, reinit_head_at_period_start_
 from .heads import find_head
 from .optim import (
@@ -50,12 +60,14 @@ from .schedule import (
     reinit_steps,
     short_period_warning,
 )
+from .sharding import check_not_sharded
 
 logger = logging.getLogger(__name__)
 
-# In every param group, saved with the optimizer: {"step", "max_steps", "num_periods", "run_shape", "fit",
-# "decisions"}: "fit" is the fit test's running [sum, count] of top-class loss ratios (over ranks) before the next
-# re-init, "decisions" a [step, period, loss ratio, head age, redrawn] row per planned re-init so far.
+# In every param group, saved with the optimizer: {"step", "max_steps", "num_periods", "run_shape", "reinit_when",
+# "fit", "decisions"}: "fit" is the fit test's running [sum, count] of top-class loss ratios (over ranks) before the
+# next re-init, "decisions" a [step, period, loss ratio, head age, redrawn] row per planned re-init so far.
+# "reinit_when" is the schedule the run was started with, which a resumed run keeps (absent: "always").
 STATE_KEY = "rifle_attach"
 L2SP_AFTER_LOAD_REFUSED = (
     "attach(..., regularizer='l2sp') after a checkpoint was loaded: the optimizer's state is at RIFLE step {step}, so "
@@ -95,11 +107,13 @@ class RifleHandle:
         run_shape: RunShape | None = None,
         reinit_when: str = DEFAULT_REINIT_WHEN,
         head: nn.Module | None = None,
+        min_steps_left: int = 0,
     ):
         self.max_steps = max_steps
         self.num_periods = num_periods
         self.run_shape = run_shape
         self.reinit_when = reinit_when
+        self.min_steps_left = min_steps_left  # "fitted": the fewest steps a re-drawn head must have left
         self.settings_warnings: list[str] = []  # logged by `attach`, kept for a card or a summary
         self._optimizer = optimizer
         self._head_params = head_params
@@ -141,6 +155,8 @@ class RifleHandle:
     def head_learning_rate(self) -> float:
         """The head's learning rate for the next update, as the backbone's is its param group's `lr`."""
         group = self._head_group()
+        if self._head_is_kept():
+            return self._backbone_lr(group)
         if not self._rescale_head:  # head groups of its own, or head_lr_schedule="trainer"
             return group["lr"]
         return head_learning_rate(group, self._step, self.max_steps, self.num_periods, self._peak_lr)
@@ -167,30 +183,55 @@ class RifleHandle:
         self._set_step(step)
         self._begun_step = step
         if step not in self._reinit_steps:
+            self._follow_backbone_if_kept()
             return None
         decision = self._decisions.get(step)
         first_time = decision is None
         if first_time:
             decision = self._decide(step)
         done = self._reinit(step=step) if decision.redrawn else None
+        self._follow_backbone_if_kept()
         if first_time and _is_main_process():
             text = decision.describe(self.num_periods, self.reinit_when, done and done.head_name)
             logger.warning("RIFLE: %s", text)
         return done
 
+    def _head_is_kept(self) -> bool:
+        """Whether the current period began with a planned re-init that kept the head: such a head follows the
+        backbone's learning rate, as in plain fine-tuning, instead of a cosine restarted without a new head (which
+        cost 0.9 points as RIFLE-B in the grid, docs/benchmarks.md)."""
+        if not self._reinit_steps:
+            return False
+        period = position_in_period(self._step, self.max_steps, self.num_periods)[0]
+        start = period_starts(self.max_steps, self.num_periods)[period]
+        decision = self._decisions.get(start)
+        if decision is None and start == self._step and start in self._reinit_steps:  # logged before it is taken
+            decision = self._decision_at(start)
+        return decision is not None and not decision.redrawn
+
+    def _backbone_lr(self, head_group: dict) -> float:
+        """The learning rate the backbone gets now: the head's own group's where it shares one, else the first
+        group without the head."""
+        if not head_group.get(HEAD_GROUP_KEY):
+            return head_group["lr"]
+        return next(g["lr"] for g in self._optimizer.param_groups if not g.get(HEAD_GROUP_KEY))
+
     def _decide(self, step: int) -> FitDecision:
-        """The planned re-init's decision, from the statistic gathered before it; recorded in the saved state."""
+        """The planned re-init's decision, recorded in the saved state."""
+        decision = self._decisions[step] = self._decision_at(step)
+        self._fit = [0.0, 0.0]
+        self._set_step(step)
+        return decision
+
+    def _decision_at(self, step: int) -> FitDecision:
+        """The decision the planned re-init at `step` gets from the statistic gathered before it."""
         total, count = self._fit
         ratio = total / count if count else None
         period = self._reinit_steps.index(step) + 2
         drawn_at = max((d.step for d in self._decisions.values() if d.redrawn and d.step < step), default=0)
         age, steps_left = step - drawn_at, self.max_steps - step
-        redraw = decide_redraw(self.reinit_when, ratio, age, steps_left)
-        decision = FitDecision(step, period, ratio, age, self.max_steps, redraw)
-        self._decisions[step] = decision
-        self._fit = [0.0, 0.0]
-        self._set_step(step)
-        return decision
+        redraw = decide_redraw(self.reinit_when, ratio, age, steps_left, self.min_steps_left)
+        return FitDecision(step, period, ratio, age, self.max_steps, redraw, self.min_steps_left)
 
     def state_dict(self) -> dict:
         shape = asdict(self.run_shape) if self.run_shape is not None else None
@@ -199,6 +240,7 @@ class RifleHandle:
             "max_steps": self.max_steps,
             "num_periods": self.num_periods,
             "run_shape": shape,
+            "reinit_when": self.reinit_when,
             "fit": list(self._fit),
             "decisions": [[d.step, d.period, d.loss_ratio, d.head_age, d.redrawn] for d in self.decisions],
         }
@@ -241,7 +283,7 @@ class RifleHandle:
     def _before_update(self, optimizer, args, kwargs) -> None:
         if self._l2sp is not None:
             self._add_l2sp_gradient(optimizer)
-        if self._rescale_head:
+        if self._rescale_head and not self._head_is_kept():  # a kept head is on the backbone's learning rate
             self._head_updates = record_head_update_(
                 optimizer, self._head_params, self._step, self.max_steps, self.num_periods, self._peak_lr
             )
@@ -252,6 +294,15 @@ class RifleHandle:
         if self._step in self._fit_windows:
             self._add_step_to_fit_statistic()
         self._set_step(self._step + 1)
+
+    def _follow_backbone_if_kept(self) -> None:
+        """At a step's start, in a period whose head was kept: head groups of their own (RifleTrainer's) take the
+        backbone group's learning rate for this step. Their scheduler sets its own curve again after the update,
+        which the next step's start overrides the same way; a head sharing the backbone's group is not rescaled."""
+        if self._head_is_kept():
+            for group in self._optimizer.param_groups:
+                if group.get(HEAD_GROUP_KEY):
+                    group["lr"] = self._backbone_lr(group)
 
     def _add_step_to_fit_statistic(self) -> None:
         """Sum this step's losses over the ranks (every rank is at the same update) into the running statistic,
@@ -291,10 +342,24 @@ class RifleHandle:
         self._set_step(self._step)
 
     def _load(self, state: dict) -> None:
+        # A state saved before the schedule was recorded: "always" (then the default), unless it kept a head.
+        kept_a_head = any(not redrawn for *_, redrawn in state.get("decisions", []))
+        started_with = state.get("reinit_when") or ("fitted" if kept_a_head else UNRECORDED_REINIT_WHEN)
+        if started_with != self.reinit_when and self._reinit_steps and _is_main_process():
+            logger.warning(
+                "RIFLE: this run was started with reinit_when=%r and resumes with it (asked: %r): a resumed run keeps "
+                "the schedule it started with. For %r, start a new run.",
+                started_with,
+                self.reinit_when,
+                self.reinit_when,
+            )
+        elif self._reinit_steps and _is_main_process() and state["step"] > 0:
+            logger.info("RIFLE: resuming at step %d with reinit_when=%r, as started.", state["step"], started_with)
+        self.reinit_when = started_with
         self._fit = list(state.get("fit", [0.0, 0.0]))
         self._fit_pending = None
         self._decisions = {
-            step: FitDecision(step, period, ratio, age, self.max_steps, redrawn)
+            step: FitDecision(step, period, ratio, age, self.max_steps, redrawn, self.min_steps_left)
             for step, period, ratio, age, redrawn in state.get("decisions", [])
         }
         self._set_step(state["step"])
@@ -357,7 +422,9 @@ def attach(
 
     Gradient clipping cannot be seen from the optimizer: RIFLE is meant to run without it (clipping damps the
     gradients a re-drawn head sends into the backbone); a loop that clips anyway clips the data gradient only, since
-    L2-SP's is added at the step. `num_train_epochs`, if given, warns about periods too short to fit a new head.
+    L2-SP's is added at the step. `num_train_epochs`, if given, lets `reinit_when="fitted"` refuse a re-draw with fewer
+    than 8 epochs left (`hf_rifle.fit.late_redraw_steps`) and, with `"always"`, warns about periods too short to fit
+    a new head.
 
     Example:
         Given a pretrained classifier `model` (here a tiny transformers text classifier) and 6 `batches`:
@@ -375,6 +442,7 @@ def attach(
         >>> rifle.step, rifle.period, rifle.head_learning_rate  # the cosine of period 3 has reached 0
         (6, 3, 0.0)
     """
+    check_not_sharded(model)  # FSDP: refused now, not at the first re-init halfway through the run
     check_method_settings(
         num_periods, head_lr_schedule, head_init, head_init_std, regularizer, l2sp_alpha, l2sp_beta, reinit_when
     )
@@ -421,6 +489,7 @@ def attach(
         run_shape,
         reinit_when=reinit_when,
         head=head,
+        min_steps_left=late_redraw_steps(max_steps, num_train_epochs),
     )
     handle.settings_warnings = _settings_warnings(
         optimizer, regularizer, reinit_head, num_periods, num_train_epochs, reinit_when

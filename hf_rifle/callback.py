@@ -27,14 +27,11 @@ from .heads import find_head
 from .optim import HEAD_GROUP_KEY
 from .preemption import JIT_CHECKPOINT_REFUSED
 from .regularizers import snapshot, split_backbone_and_head
-from .schedule import RunShape, period_starts, short_period_warning
+from .schedule import RunShape, period_starts
+from .sharding import SHARDED_TRAINING_REFUSED
 
 logger = logging.getLogger(__name__)
 
-SHARDED_TRAINING_REFUSED = (
-    "RIFLE supports single-device and DDP (data-parallel) training. FSDP and DeepSpeed shard the head across "
-    "ranks, which in-place re-initialization and L2-SP do not handle: launch with DDP."
-)
 CLIPPING_WARNING = (
     "RIFLE with gradient clipping (max_grad_norm={norm}): clipping damps the large gradients a re-drawn head sends "
     "into the backbone, which is how RIFLE works. Measured with EfficientNet-Lite0 on 20-shot digits (12 epochs, "
@@ -167,6 +164,7 @@ class RifleTrainerCallback(TrainerCallback):
             seed=args.seed if self.seed is None else self.seed,
             reinit_on_forward=False,
             l2sp_reference=self._pretrained,
+            num_train_epochs=state.num_train_epochs,  # "fitted" re-draws no head with under 8 epochs left
             # A resume that changes the number of steps (other processes, batch size or accumulation) is refused
             # in these terms, naming the setting that keeps the first run's periods.
             run_shape=RunShape(
@@ -203,10 +201,11 @@ class RifleTrainerCallback(TrainerCallback):
     def _warn_about_settings(self, args, state, model, optimizer) -> None:
         """Settings that silently undo RIFLE, each warned about once, at train begin, with the numbers behind it;
         kept in `settings_warnings` too, for the model card and the run's summary."""
-        self.settings_warnings = self._settings_warnings(args, state, model, optimizer)
+        own = self._settings_warnings(args, state, model, optimizer)
         if state.is_world_process_zero:
-            for warning in self.settings_warnings:
+            for warning in own:
                 logger.warning(warning)
+        self.settings_warnings = [*own, *self.handle.settings_warnings]  # attach has logged its own
 
     def _settings_warnings(self, args, state, model, optimizer) -> list[str]:
         warnings = []
@@ -214,8 +213,6 @@ class RifleTrainerCallback(TrainerCallback):
             warnings.append(CLIPPING_WARNING.format(norm=args.max_grad_norm))
         if self.regularizer == "l2" and not args.weight_decay:
             warnings.append(NO_WEIGHT_DECAY_WARNING)
-        if short := short_period_warning(state.num_train_epochs, self.num_periods, self.reinit_head, self.reinit_when):
-            warnings.append(short)
         # RifleTrainer (recognized by its head groups) divides by the accumulation steps itself.
         if (
             args.gradient_accumulation_steps > 1

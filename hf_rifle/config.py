@@ -10,14 +10,14 @@ from typing import Literal
 
 from transformers import SchedulerType, TrainingArguments
 
-from .fit import FITTED_LOSS_RATIO, REINIT_WHEN
+from .fit import DEFAULT_REINIT_WHEN, FITTED_LOSS_RATIO, REINIT_WHEN
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, JIT_CHECKPOINT_REFUSED, parse_signals
+from .schedule import MIN_EPOCHS_PER_PERIOD
 
 HEAD_LR_SCHEDULES = ("cyclic_cosine", "trainer")
 HEAD_INITS = ("default", "normal")
 REGULARIZERS = ("l2", "l2sp")
 PAPER_WEIGHT_DECAY = 1e-4  # the authors' code: their "L2" is weight decay 1e-4
-DEFAULT_REINIT_WHEN = "always"
 # RIFLE's own settings: fields of `RifleConfig` and, same names and defaults, `RifleTrainerCallback`'s arguments.
 METHOD_FIELDS = (
     "num_periods",
@@ -36,12 +36,11 @@ METHOD_FIELDS = (
 
 @dataclass
 class RifleConfig(TrainingArguments):
-    """Training arguments for `RifleTrainer`. Defaults give the paper's full method: K=3 periods, head
-    re-initialized at each period start, cyclic cosine head learning rate, cosine schedule for the backbone,
-    no gradient clipping.
+    """Training arguments for `RifleTrainer`. Defaults give the full method in its safe form: K=3 periods, the head
+    re-initialized at a period start once it has fit (`reinit_when="fitted"`, `hf_rifle.fit`; `"always"` is the
+    paper's schedule), cyclic cosine head learning rate, cosine schedule for the backbone, no gradient clipping.
 
-    Ablations: RIFLE-A = `head_lr_schedule="trainer"`; RIFLE-B = `reinit_head=False`. `reinit_when="fitted"` re-draws
-    the head at a period start only once it has fit (`hf_rifle.fit`).
+    Ablations: RIFLE-A = `head_lr_schedule="trainer"`; RIFLE-B = `reinit_head=False`.
 
     Example:
         >>> from hf_rifle import RifleConfig
@@ -83,10 +82,11 @@ class RifleConfig(TrainingArguments):
     reinit_when: Literal["always", "fitted"] = field(
         default=DEFAULT_REINIT_WHEN,
         metadata={
-            "help": "'always': re-draw the head at every period start (the paper's Algorithm 1); 'fitted': only "
-            "once it has fit (its top-class loss on the period's last training batches at most "
-            f"{FITTED_LOSS_RATIO} of a uniform guess's) and a new head has at least as many steps left as this one "
-            "has had; otherwise keep it (logged at WARNING)."
+            "help": "'fitted' (the default): re-draw the head at a period start only once it has fit (its top-class "
+            f"loss on the period's last training batches at most {FITTED_LOSS_RATIO} of a uniform guess's) and a new "
+            f"head has at least as many steps left as this one has had, and at least {MIN_EPOCHS_PER_PERIOD} epochs; "
+            "otherwise keep it, on the backbone's learning rate until the next re-draw. 'always': re-draw it at every "
+            "period start (the paper's Algorithm 1). A resumed run keeps the schedule it was started with."
         },
     )
     head_lr_schedule: Literal["cyclic_cosine", "trainer"] = field(

@@ -28,7 +28,7 @@ from ..helpers import (
 )
 
 SEED, MAX_STEPS, LR, BATCH = 3, 9, 0.01, 4  # as tiny_run_settings: periods start at steps 0, 3, 6
-METHOD = dict(num_periods=3, l2sp_alpha=0.5, l2sp_beta=0.1)
+METHOD = dict(num_periods=3, l2sp_alpha=0.5, l2sp_beta=0.1, reinit_when="always")  # the paper's schedule
 TOLERANCE = dict(rtol=1e-8, atol=1e-8)  # float64, as the callback's comparison with RifleTrainer
 
 
@@ -121,7 +121,7 @@ def test_a_plain_loop_with_attach_ends_with_rifle_trainers_weights(tmp_path, reg
 def test_the_head_is_redrawn_at_the_first_training_forward_of_a_period_and_evaluation_sees_the_trained_one(caplog):
     model, data = float64_model_and_data()
     optimizer, scheduler = sgd_and_cosine(model)
-    rifle = attach(model, optimizer, MAX_STEPS, num_periods=3, seed=SEED)
+    rifle = attach(model, optimizer, MAX_STEPS, num_periods=3, seed=SEED, reinit_when="always")
     head = model.timm_model.fc
     seen = {}  # ("train" | "eval", step) -> the head's weight at that forward
     head.register_forward_pre_hook(
@@ -155,7 +155,7 @@ def test_the_head_is_redrawn_at_the_first_training_forward_of_a_period_and_evalu
 def test_gradient_accumulation_redraws_the_head_once_per_period(caplog):
     model, data = float64_model_and_data()
     optimizer, scheduler = sgd_and_cosine(model)
-    attach(model, optimizer, MAX_STEPS, num_periods=3, seed=SEED)
+    attach(model, optimizer, MAX_STEPS, num_periods=3, seed=SEED, reinit_when="always")
     weights = []  # the head at every training forward
     model.timm_model.fc.register_forward_pre_hook(lambda module, args: weights.append(module.weight + 0))
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
@@ -169,7 +169,7 @@ def test_gradient_accumulation_redraws_the_head_once_per_period(caplog):
     accelerate_model, _ = float64_model_and_data()
     accelerate_optimizer, accelerate_scheduler = sgd_and_cosine(accelerate_model)
     accelerate_model, accelerate_optimizer = accelerator.prepare(accelerate_model, accelerate_optimizer)
-    rifle = attach(accelerate_model, accelerate_optimizer, MAX_STEPS, num_periods=3, seed=SEED)
+    rifle = attach(accelerate_model, accelerate_optimizer, MAX_STEPS, num_periods=3, seed=SEED, reinit_when="always")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
         for index in range(2 * MAX_STEPS):
@@ -190,7 +190,7 @@ def test_under_torch_compile_the_forward_hook_redraws_the_head_without_recompili
     model, data = float64_model_and_data()
     model.config.problem_type = "single_label_classification"  # set at the first loss otherwise: one recompile
     optimizer, scheduler = sgd_and_cosine(model)
-    attach(model, optimizer, MAX_STEPS, num_periods=3, seed=SEED)
+    attach(model, optimizer, MAX_STEPS, num_periods=3, seed=SEED, reinit_when="always")
     model.compile(backend="eager")  # the hook runs inside the compiled call; the eager backend keeps dynamo's guards
     graphs = []
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
@@ -344,11 +344,23 @@ def test_an_optimizer_without_the_head_is_refused():
 def test_weight_decay_with_l2sp_and_short_periods_are_warned_about_once(caplog):
     model = timm_wrapper_resnet()
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
-        rifle = attach(model, torch.optim.AdamW(model.parameters()), MAX_STEPS, regularizer="l2sp", num_train_epochs=12)
+        rifle = attach(
+            model,
+            torch.optim.AdamW(model.parameters()),
+            MAX_STEPS,
+            regularizer="l2sp",
+            num_train_epochs=12,
+            reinit_when="always",
+        )
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("hf_rifle")]
     assert messages == rifle.settings_warnings and len(messages) == 2
     assert "weight_decay is 0.01" in messages[0] and "periods of 4.0 epochs (12 epochs / K=3)" in messages[1]
     quiet = attach(
-        model, torch.optim.SGD(model.parameters(), lr=LR), MAX_STEPS, regularizer="l2sp", num_train_epochs=24
+        model,
+        torch.optim.SGD(model.parameters(), lr=LR),
+        MAX_STEPS,
+        regularizer="l2sp",
+        num_train_epochs=24,
+        reinit_when="always",
     )
     assert quiet.settings_warnings == []

@@ -156,7 +156,7 @@ def test_a_refused_optimizer_stops_the_run_before_the_first_step(tmp_path):
 
 @pytest.mark.parametrize("path", ["callback", "rifle_trainer"])
 def test_head_learning_rate_period_and_l2sp_loss_are_logged_in_both_paths(tmp_path, path):
-    method = dict(num_periods=3, regularizer="l2sp")
+    method = dict(num_periods=3, regularizer="l2sp", reinit_when="always")  # every period's head on the cosine
     build = plain_trainer if path == "callback" else rifle_trainer
     _, trainer = build(tmp_path, method, learning_rate=0.1)
     trainer.train()
@@ -213,7 +213,7 @@ def test_planned_and_done_reinits_and_the_fit_statistic_reach_tensorboard_and_th
 
 
 def test_each_reinit_is_a_warning_a_script_shows(tmp_path, caplog):
-    _, trainer = plain_trainer(tmp_path, dict(num_periods=3))
+    _, trainer = plain_trainer(tmp_path, dict(num_periods=3, reinit_when="always"))
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
         trainer.train()
     reinits = [r.getMessage().split("; ")[0] for r in caplog.records if "re-initialized the head" in r.getMessage()]
@@ -227,7 +227,8 @@ def test_each_reinit_is_a_warning_a_script_shows(tmp_path, caplog):
 def test_clipping_short_periods_and_doubled_accumulation_are_warned_about_once(tmp_path, caplog):
     model = native_resnet()
     args = TrainingArguments(**shared_settings(tmp_path, max_grad_norm=1.0, gradient_accumulation_steps=2))
-    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(), callbacks=[RifleTrainerCallback()])
+    callback = RifleTrainerCallback(reinit_when="always")  # the paper's schedule: its short periods are warned about
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(), callbacks=[callback])
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
         trainer.train()
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("hf_rifle")]
@@ -236,8 +237,8 @@ def test_clipping_short_periods_and_doubled_accumulation_are_warned_about_once(t
     assert sum("gradient_accumulation_steps=2 with ResNetForImageClassification" in m for m in messages) == 1
 
 
-def test_rifle_trainer_with_defaults_warns_about_nothing_but_short_periods(tmp_path, caplog):
-    _, trainer = rifle_trainer(tmp_path, dict(num_periods=3), gradient_accumulation_steps=2)
+def test_rifle_trainer_on_the_papers_schedule_warns_about_nothing_but_short_periods(tmp_path, caplog):
+    _, trainer = rifle_trainer(tmp_path, dict(num_periods=3, reinit_when="always"), gradient_accumulation_steps=2)
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
         trainer.train()
     warnings = [
@@ -269,7 +270,7 @@ def test_only_the_trainable_copy_of_a_peft_head_is_redrawn_and_l2sp_covers_train
     wrapper = base.classifier
     assert name.endswith("modules_to_save.default") and head is wrapper.modules_to_save["default"]
     original = {k: v.clone() for k, v in wrapper.original_module.state_dict().items()}
-    callback = RifleTrainerCallback(num_periods=3, regularizer="l2sp")
+    callback = RifleTrainerCallback(num_periods=3, regularizer="l2sp", reinit_when="always")
     args = TrainingArguments(**shared_settings(tmp_path, learning_rate=0.0))
     Trainer(model=lora, args=args, train_dataset=RandomImages(), callbacks=[callback]).train()
     for key, value in wrapper.original_module.state_dict().items():

@@ -46,8 +46,9 @@ class Recorder(TrainerCallback):
 
 
 def rifle_config(tmp_path, **overrides):
-    """Plain SGD (no momentum) at lr 0.1, K=3 over 9 steps."""
-    return RifleConfig(**tiny_run_settings(tmp_path, **{"learning_rate": 0.1, "optim_args": None, **overrides}))
+    """Plain SGD (no momentum) at lr 0.1, K=3 over 9 steps, on the paper's schedule (every planned re-init done)."""
+    settings = {"learning_rate": 0.1, "optim_args": None, "reinit_when": "always", **overrides}
+    return RifleConfig(**tiny_run_settings(tmp_path, **settings))
 
 
 def test_zero_learning_rate_changes_the_head_only_by_reinit_at_period_starts(tmp_path):
@@ -77,7 +78,10 @@ def test_callback_on_a_plain_trainer_redraws_the_head_only_at_period_starts(tmp_
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=0.0, seed=1, **FAST
     )
     Trainer(
-        model=model, args=args, train_dataset=RandomImages(), callbacks=[recorder, RifleTrainerCallback(num_periods=4)]
+        model=model,
+        args=args,
+        train_dataset=RandomImages(),
+        callbacks=[recorder, RifleTrainerCallback(num_periods=4, reinit_when="always")],
     ).train()
     heads = [record["head"] for record in recorder.steps]
     assert [t for t in range(1, 8) if not torch.equal(heads[t], heads[t - 1])] == [2, 4, 6]
