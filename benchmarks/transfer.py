@@ -31,6 +31,8 @@ SETTINGS = {  # name -> recipe flags selecting the data
     "sklearn-10": ["--demo_source", "sklearn", "--samples_per_class", "10"],
     "mnist-10": ["--demo_source", "mnist", "--samples_per_class", "10"],
     "mnist-30": ["--demo_source", "mnist", "--samples_per_class", "30"],
+    # Animal-MNIST's silhouettes: a domain no rule was chosen on (pip install --no-deps animal-mnist==0.4).
+    "animal-10": ["--demo_source", "animal", "--samples_per_class", "10"],
 }
 
 

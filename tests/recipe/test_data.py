@@ -1,6 +1,8 @@
+import gzip
 import io
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -26,7 +28,14 @@ from hf_rifle.recipe.data import (
     label_names,
     load_splits,
 )
-from hf_rifle.recipe.demo import digits_demo_splits, load_demo_splits
+from hf_rifle.recipe.demo import (
+    ANIMAL_CLASS_NAMES,
+    DIGIT_CLASS_NAMES,
+    _load_numpy_pickle,
+    animal_mnist_arrays,
+    digits_demo_splits,
+    load_demo_splits,
+)
 from hf_rifle.recipe.images import PrepareImage, normalize_pixels
 
 from ..helpers import CLASSES, recipe_flags, save_timm_hub_folder, write_image_folders
@@ -402,13 +411,16 @@ def test_transformed_split_survives_pickling_for_dataloader_workers(tmp_path):
 # Offline digits demo
 
 
-@pytest.mark.parametrize("source, side", [("sklearn", 8), ("mnist", 28)])
-def test_digits_demo_splits_are_balanced_disjoint_and_real(source, side):
+@pytest.mark.parametrize(
+    "source, side, names",
+    [("sklearn", 8, DIGIT_CLASS_NAMES), ("mnist", 28, DIGIT_CLASS_NAMES), ("animal", 28, ANIMAL_CLASS_NAMES)],
+)
+def test_digits_demo_splits_are_balanced_disjoint_and_real(source, side, names):
     splits = digits_demo_splits(samples_per_class=5, seed=0, source=source, validation_per_class=3, test_per_class=4)
     assert {name: len(split) for name, split in splits.items()} == {"train": 50, "validation": 30, "test": 40}
     for name, per_class in (("train", 5), ("validation", 3), ("test", 4)):
         assert class_counts(splits[name]).tolist() == [per_class] * 10
-    assert label_names(splits["train"].features, "label") == [str(digit) for digit in range(10)]
+    assert label_names(splits["train"].features, "label") == names
     pixels = {name: np.stack([np.asarray(image) for image in split["image"]]) for name, split in splits.items()}
     assert pixels["train"].shape[1:] == (side, side) and pixels["train"].max() > 200
     flattened = {name: {array.tobytes() for array in stack} for name, stack in pixels.items()}
@@ -417,6 +429,22 @@ def test_digits_demo_splits_are_balanced_disjoint_and_real(source, side):
     test_labels = np.asarray(splits["test"]["label"][:])
     mean_images = [pixels["test"][test_labels == digit].mean(axis=0) for digit in range(10)]
     assert np.abs(mean_images[0] - mean_images[1]).mean() > 10  # a 0 and a 1 really look different
+
+
+def test_animal_mnist_is_read_as_numpy_arrays_and_any_other_pickled_object_is_refused(tmp_path):
+    images, labels = animal_mnist_arrays()
+    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1_000] * 10
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.gz"
+    with gzip.open(path, "wb") as file:
+        pickle.dump(RunsCode(), file)
+    with pytest.raises(pickle.UnpicklingError, match=r"refused to load (posix|os)\.system: only numpy arrays"):
+        _load_numpy_pickle(path)
 
 
 def test_digits_demo_held_out_splits_do_not_depend_on_the_shot_count():
