@@ -7,12 +7,19 @@ folder, flushes every file to disk, writes a manifest of the files and their siz
 folder into place; a resume takes the newest checkpoint whose files all check out, and moves torn ones aside
 (never deleting them: they may hold the only copy of some work). A disk that fills up while a checkpoint or the
 final model is written stops the run with an `OSError` that says so (`full_disk_explained`).
+
+With several processes, decisions that move shared files are taken once: the main process (global rank 0) finds
+the newest complete checkpoint and sets torn ones aside, and the other ranks receive its answer, or its error
+(`decided_by_main_process`). Global rank 0 rather than each node's local main, because an `output_dir` is normally
+on a filesystem every node shares; a job whose nodes each have their own disk (`save_on_each_node=True`) must keep
+those disks' checkpoints alike, as rank 0's answer is used by every node.
 """
 
 import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -21,8 +28,10 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +46,9 @@ FULL_DISK_TEXTS = ("No space left on device", "Disk quota exceeded")  # OSError'
 # torch.save's zip writer reports a failed write without its cause: "[enforce fail at inline_container.cc:672] .
 # unexpected pos 690624 vs 690512" (or "... failed writing file ..."); it means a full disk when the disk is then full.
 TORCH_WRITE_FAILURE_TEXTS = ("unexpected pos", "failed writing file")
+
+T = TypeVar("T")
+_deciding = False  # True on the main process while it runs a decision: one nested in it is taken there too
 
 
 def _fsync(path: Path) -> None:
@@ -119,8 +131,57 @@ def checkpoint_folders(output_dir) -> list[Path]:
     return sorted(checkpoints, key=lambda path: int(CHECKPOINT_NAME.match(path.name).group(1)))
 
 
+def decided_by_main_process(decide: Callable[[], T]) -> T:
+    """`decide()`, run by the main process (global rank 0) alone; every rank returns its answer, or raises its error.
+
+    A decision that moves shared files (setting a torn checkpoint aside) races when every rank takes it: one rank
+    renames the folder another is reading. So only rank 0 decides, and the others receive the outcome through one
+    `broadcast_object_list`, after rank 0 is done with the files. An error reaches every rank with the same type
+    and message, so no rank waits in a collective for one that failed. Without an initialized process group (one
+    process), `decide()` simply runs. A decision nested in another runs where the outer one does (rank 0).
+    """
+    global _deciding
+    if _deciding or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    outcome: list = [None]
+    error = None
+    if dist.get_rank() == 0:
+        _deciding = True
+        try:
+            outcome[0] = (True, decide())
+        except Exception as raised:
+            error = raised
+            outcome[0] = (False, shareable_error(raised))
+        finally:
+            _deciding = False
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if succeeded:
+        return value
+    raise error if error is not None else value
+
+
+def shareable_error(error: Exception) -> Exception:
+    """`error` itself when it pickles back to the same type and message; else a `RuntimeError` carrying both, so
+    the other ranks still read what rank 0 read."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if type(copy) is type(error) and str(copy) == str(error):
+            return copy
+    except Exception:
+        pass
+    return RuntimeError(f"{type(error).__name__}: {error}")
+
+
 def newest_complete_checkpoint(output_dir) -> str | None:
-    """The newest `checkpoint-N` in `output_dir` that is complete; newer torn ones are set aside with a warning."""
+    """The newest `checkpoint-N` in `output_dir` that is complete; newer torn ones are set aside with a warning.
+
+    Call it on every rank: the main process decides and moves folders, the others receive its answer
+    (`decided_by_main_process`)."""
+    return decided_by_main_process(lambda: _newest_complete_checkpoint_here(output_dir))
+
+
+def _newest_complete_checkpoint_here(output_dir) -> str | None:
     for path in reversed(checkpoint_folders(output_dir)):
         problems = checkpoint_problems(path)
         if not problems:

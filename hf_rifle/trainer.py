@@ -8,18 +8,26 @@ rescaled update and any optimizer works; `training_step` (stops on a non-finite 
 (an optional training-only collator); `create_model_card` (a card that records the method, with a plot);
 `init_hf_repo` and `push_to_hub` (a Hub that cannot be reached or refuses, said in one line); `train` and
 `_save_checkpoint` (crash-safe checkpoints, see `hf_rifle.checkpoints`). It also divides the loss by the
-gradient-accumulation steps for image classifiers, which plain Trainer does not.
+gradient-accumulation steps for models whose loss ignores `num_items_in_batch` (image classifiers, most text
+classifiers), which plain Trainer does not; models whose loss uses it keep transformers' normalization.
+
+With several processes, every rank stops at the same optimizer step when the loss is not finite on any of them
+(one all-reduce per step), and only the processes that write the output folder move checkpoint folders.
 """
 
+import inspect
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback
+from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback, _loss_ignores_items_in_batch
 from .card import PLOT_FILE, plot_learning_curve, render_model_card
 from .checkpoints import (
     STAGING_DIR,
@@ -37,6 +45,56 @@ from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_pa
 from .preemption import PreemptionCallback, parse_signals
 from .regularizers import split_backbone_and_head
 from .schedule import position_in_period, reinit_steps
+
+# transformers' loss functions sum and divide by `num_items_in_batch` when a forward passes its **kwargs on to them.
+LOSS_FUNCTION_GETS_KWARGS = re.compile(r"loss_function\((?:[^()]|\([^()]*\))*\*\*kwargs")
+
+
+def loss_ignores_items_in_batch(model) -> bool:
+    """Whether `model`'s loss is a per-batch mean that ignores `num_items_in_batch`, although Trainer, seeing a
+    forward with **kwargs, passes it and then skips its own division by the accumulation steps.
+
+    True for transformers' image classifiers and for a forward whose source neither names `num_items_in_batch` nor
+    passes **kwargs to `self.loss_function` (BertForSequenceClassification's `CrossEntropyLoss()`, the generic
+    `...ForSequenceClassification` heads); False where the loss uses it (causal LMs, Zamba2's classifier), or where
+    the source cannot be read (Trainer's own judgement then stands).
+    """
+    if callable(getattr(model, "get_base_model", None)):  # a PEFT model: its base model's forward computes the loss
+        model = model.get_base_model()
+    if _loss_ignores_items_in_batch(model):
+        return True
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+    return "num_items_in_batch" not in source and not LOSS_FUNCTION_GETS_KWARGS.search(source)
+
+
+def non_finite_losses_by_rank(value: float | None, device) -> dict[int, float]:
+    """{rank: its non-finite loss} over every rank, from this rank's `value` (None when its loss was finite): one
+    all-reduce of a vector with one slot per rank, so every rank learns the same answer at the same step."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {} if value is None else {0: value}
+    device = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    slots = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    if value is not None:
+        slots[dist.get_rank()] = value
+    dist.all_reduce(slots)  # a sum: the zeros of finite ranks leave nan and ±inf as they are
+    return {rank: slot for rank, slot in enumerate(slots.tolist()) if not math.isfinite(slot)}
+
+
+def describe_non_finite(losses: dict[int, float], world_size: int) -> str:
+    """'nan' alone; with several processes also where: 'nan on rank 1 of 2', 'nan on rank 0, inf on rank 1 of 2'."""
+    if world_size == 1:
+        return ", ".join(str(value) for value in losses.values())
+    by_value: dict[str, list[int]] = {}
+    for rank, value in sorted(losses.items()):
+        by_value.setdefault(str(value), []).append(rank)
+    where = ", ".join(
+        f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+        for value, ranks in by_value.items()
+    )
+    return f"{where} of {world_size}"
 
 
 class RifleTrainer(Trainer):
@@ -86,9 +144,12 @@ class RifleTrainer(Trainer):
         self.train_data_collator = train_data_collator
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(SHARDED_TRAINING_REFUSED)
-        # Image classifiers return a per-batch mean loss and ignore `num_items_in_batch`; the Trainer must
-        # divide by the accumulation steps itself, or batch 4 x GA 2 gets twice the gradient of batch 8.
-        self.model_accepts_loss_kwargs = False
+        # A model whose loss is a per-batch mean ignores `num_items_in_batch`; the Trainer must divide by the
+        # accumulation steps itself, or batch 4 x GA 2 gets twice the gradient of batch 8. A model whose loss uses
+        # it keeps transformers' normalization (by the items of the whole optimizer step).
+        if loss_ignores_items_in_batch(self.model):
+            self.model_accepts_loss_kwargs = False
+        self._non_finite_loss = None  # this rank's first non-finite loss in the current optimizer step
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints: `True` takes the newest complete one (torn
@@ -117,7 +178,9 @@ class RifleTrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial))
         staging = run_dir / STAGING_DIR
         name = f"checkpoint-{self.state.global_step}"
-        if self.is_world_process_zero():
+        # Only the processes that write the output folder (`should_save`: global rank 0, or each node's first with
+        # save_on_each_node) clear, rename and rotate in it; others moving the same paths would race them.
+        if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # a save that died half-way; never a complete checkpoint
         self.accelerator.wait_for_everyone()
         self._checkpoint_staging = staging
@@ -178,12 +241,21 @@ class RifleTrainer(Trainer):
         return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step, stopping on a non-finite loss (Trainer's own NaN filter would silently log an average
+        instead). The ranks agree at each optimizer step's last micro-batch, before the optimizer step, so every
+        rank raises there with the same message, naming the rank(s) whose loss it was."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):  # Trainer's own NaN filter would silently log an average instead
-            raise FloatingPointError(self._non_finite_loss_message(loss.item()))
+        if self._non_finite_loss is None and not torch.isfinite(loss):
+            self._non_finite_loss = loss.item()
+        if self.accelerator.sync_gradients:  # the last micro-batch of this optimizer step, on every rank
+            value, self._non_finite_loss = self._non_finite_loss, None
+            if losses := non_finite_losses_by_rank(value, self.args.device):
+                raise FloatingPointError(self._non_finite_loss_message(losses))
         return loss
 
-    def _non_finite_loss_message(self, value: float) -> str:
+    def _non_finite_loss_message(self, losses: dict[int, float]) -> str:
+        """The same text on every rank: the value(s) and rank(s), the step and period, the learning rates."""
+        value = describe_non_finite(losses, self.args.world_size)
         step = self.state.global_step
         period, tau, length = position_in_period(step, self.state.max_steps, self.args.num_periods)
         learning_rates = ", ".join(

@@ -16,7 +16,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +37,10 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when what a cache folder holds changes
 CACHE_ROOT_NAME = "hf_rifle-images"
 JPEG_MAGIC = b"\xff\xd8\xff"
+# A staging folder untouched this long belongs to a dead build wherever it ran: a build writes its pixels file
+# continuously, and even a split of millions of images is cached within hours.
+STALE_STAGING_SECONDS = 24 * 3600
+STAGING_INFIX = ".staging-"  # <cache folder>.staging-<host>-<pid>
 _PIL_DECODER = datasets.Image()
 
 
@@ -187,9 +194,11 @@ def cached_images(
     """The split's prepared images, from the cache or built into it now; None (decode on the fly) when the
     cache would exceed `max_bytes` or the free disk space, with a warning that says so.
 
-    A cache is built in a private staging folder and renamed into place when complete, so a run killed while
-    building leaves no cache that a later run could half-read, and two runs building the same cache both succeed.
-    `rows` must hold the images undecoded (`datasets.Image(decode=False)`).
+    A cache is built in a private staging folder, named by host and process id, and renamed into place when
+    complete, so a run killed while building leaves no cache that a later run could half-read, and two runs building
+    the same cache (two launchers on the machines of a cluster sharing one cache folder) both end with one
+    complete cache. A leftover staging folder is removed only when it provably belongs to a dead build
+    (`is_dead_build`). `rows` must hold the images undecoded (`datasets.Image(decode=False)`).
     """
     folder = Path(cache_root) / cache_key(rows, image_column, prepare)
     if (folder / "index.npy").is_file():
@@ -208,10 +217,12 @@ def cached_images(
         )
         return None
     logger.warning("Caching the %s split (%d images, resized) in %s for later runs too", split_name, len(rows), folder)
-    for leftover in folder.parent.glob(f"{folder.name}.staging-*"):  # of builds killed midway
-        if not _process_alive(int(leftover.name.rsplit("-", 1)[1])):
+    host = _host_name()
+    for leftover in folder.parent.glob(f"{folder.name}{STAGING_INFIX}*"):  # of builds killed midway
+        if is_dead_build(leftover, host, time.time()):
             shutil.rmtree(leftover, ignore_errors=True)
-    staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
+    staging = folder.with_name(f"{folder.name}{STAGING_INFIX}{host}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # this host and process id are ours: an earlier holder is dead
     try:
         built = _build(staging, rows, image_column, prepare, max_bytes, num_workers)
         if built:
@@ -229,6 +240,39 @@ def cached_images(
         )
         return None
     return CachedImages(folder)
+
+
+def _host_name() -> str:
+    """This machine's name as it can appear in a folder name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "unknown-host"
+
+
+def staging_owner(staging: Path) -> tuple[str | None, int] | None:
+    """(host, pid) from a staging folder's name; host None for the names of hf_rifle before hosts were recorded
+    (`<key>.staging-<pid>`); None for a name that is neither."""
+    owner = staging.name.split(STAGING_INFIX, 1)[-1]
+    host, _, pid = owner.rpartition("-")
+    if not pid.isdigit():
+        return None
+    return (host or None), int(pid)
+
+
+def is_dead_build(staging: Path, host: str, now: float) -> bool:
+    """Whether `staging` provably belongs to a build that is no longer running, so removing it harms no one.
+
+    A process id means something only on its own machine: a build is dead when it ran on this host and its process
+    is gone, or, wherever it ran, when nothing in its folder changed for `STALE_STAGING_SECONDS`. A build on another
+    machine sharing the cache folder (a cluster's shared `HF_HOME`) is otherwise left alone, however its process id
+    reads here.
+    """
+    try:
+        changed = max([staging.stat().st_mtime, *(path.stat().st_mtime for path in staging.iterdir())])
+    except OSError:  # removed meanwhile, by its build's end or another run
+        return False
+    if now - changed > STALE_STAGING_SECONDS:
+        return True
+    owner = staging_owner(staging)
+    return owner is not None and owner[0] == host and not _process_alive(owner[1])
 
 
 def _process_alive(pid: int) -> bool:

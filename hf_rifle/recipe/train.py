@@ -303,30 +303,37 @@ def resume_point(output_dir: str, record: dict) -> str | None:
     """The newest complete checkpoint of this same run in `output_dir`, or None for a fresh start.
 
     A folder holding another run, or files that are not a hf_rifle run, is refused rather than mixed into;
-    torn checkpoints (a process killed while writing them) are set aside with a warning.
+    torn checkpoints (a process killed while writing them) are set aside with a warning. With several processes the
+    main one decides and every rank gets its answer, or its error: ranks that each looked at the folder (or set a
+    torn checkpoint aside) at their own moment could start from different points, or fail on a moved folder.
     """
-    folder = Path(output_dir)
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return None
-    saved_file = folder / CONFIG_FILE
-    if not saved_file.is_file():
-        raise ValueError(
-            f"--output_dir {folder} is not empty and holds no {CONFIG_FILE}, so it is not a hf_rifle run. "
-            "Pass a new or empty --output_dir."
+    from ..checkpoints import decided_by_main_process
+
+    def decide() -> str | None:
+        folder = Path(output_dir)
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return None
+        saved_file = folder / CONFIG_FILE
+        if not saved_file.is_file():
+            raise ValueError(
+                f"--output_dir {folder} is not empty and holds no {CONFIG_FILE}, so it is not a hf_rifle run. "
+                "Pass a new or empty --output_dir."
+            )
+        saved = json.loads(saved_file.read_text())
+        differences = sorted(
+            f"{section}.{name}"
+            for section, settings in record.items()
+            for name in settings.keys() | saved.get(section, {}).keys()
+            if name not in OPERATIONAL_SETTINGS and settings.get(name) != saved.get(section, {}).get(name)
         )
-    saved = json.loads(saved_file.read_text())
-    differences = sorted(
-        f"{section}.{name}"
-        for section, settings in record.items()
-        for name in settings.keys() | saved.get(section, {}).keys()
-        if name not in OPERATIONAL_SETTINGS and settings.get(name) != saved.get(section, {}).get(name)
-    )
-    if differences:
-        raise ValueError(
-            f"--output_dir {folder} holds a run with a different configuration (differs in: "
-            f"{', '.join(differences)}). Pass a new --output_dir, or delete this one to start over."
-        )
-    return newest_complete_checkpoint(folder)
+        if differences:
+            raise ValueError(
+                f"--output_dir {folder} holds a run with a different configuration (differs in: "
+                f"{', '.join(differences)}). Pass a new --output_dir, or delete this one to start over."
+            )
+        return newest_complete_checkpoint(folder)
+
+    return decided_by_main_process(decide)
 
 
 @contextmanager

@@ -3,7 +3,12 @@
 import io
 import json
 import logging
+import os
+import socket
 import subprocess
+import sys
+import textwrap
+import time
 
 import datasets
 import numpy as np
@@ -15,9 +20,11 @@ from torchvision.transforms.v2 import functional as F
 
 from hf_rifle.recipe.data import EpochSeededDataset, apply_transforms, collate_fn
 from hf_rifle.recipe.images import (
+    STALE_STAGING_SECONDS,
     CachedImages,
     ImageRifleTrainer,
     PrepareImage,
+    cache_key,
     cached_images,
     decode_rgb,
     is_convolutional,
@@ -137,13 +144,97 @@ def test_a_build_killed_midway_leaves_no_cache_that_a_later_run_reads(tmp_path):
     complete = cached_images("train", rows, "image", PrepareImage(16), tmp_path, 10**9)
     expected = [complete[row] for row in range(len(rows))]
     finished = subprocess.Popen(["true"])
-    finished.wait()  # a build killed midway: its process is gone
-    torn = complete.folder.with_name(f"{complete.folder.name}.staging-{finished.pid}")
+    finished.wait()  # a build killed midway, on this machine: its process is gone
+    torn = complete.folder.with_name(f"{complete.folder.name}.staging-{socket.gethostname()}-{finished.pid}")
     complete.folder.rename(torn)
     (torn / "index.npy").unlink()  # killed before the index, written last
     rebuilt = cached_images("train", rows, "image", PrepareImage(16), tmp_path, 10**9)
     assert all(torch.equal(rebuilt[row], image) for row, image in enumerate(expected))
     assert not torn.exists()  # the dead build's leftovers are cleared
+
+
+def dead_pid() -> int:
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    return finished.pid
+
+
+def test_a_leftover_staging_folder_is_removed_only_when_it_provably_belongs_to_a_dead_build(tmp_path):
+    """A process id means something on its own machine only: another host's build sharing the cache folder is left
+    alone, whatever its id reads here, until nothing in it changed for STALE_STAGING_SECONDS."""
+    rows = digit_splits()["train"].cast_column("image", datasets.Image(decode=False))
+    key, host, dead = cache_key(rows, "image", PrepareImage(16)), socket.gethostname(), dead_pid()
+    day_ago = time.time() - STALE_STAGING_SECONDS - 60
+    running = subprocess.Popen(["sleep", "60"])  # a build still at work on this machine
+    leftovers = [  # (owner in the name, untouched for a day, kept)
+        (f"{host}-{dead}", False, False),  # this machine, process gone
+        (f"{host}-{running.pid}", False, True),  # this machine, process running
+        (f"node-7-{dead}", False, True),  # another machine's build, which may be running now
+        (f"node-8-{dead}", True, False),  # another machine's, untouched for a day
+        (f"{dead}", False, True),  # named before hosts were recorded: unknown machine
+    ]
+    for owner, old, _ in leftovers:
+        staging = tmp_path / f"{key}.staging-{owner}"
+        staging.mkdir()
+        (staging / "pixels.u8").write_bytes(bytes(10))
+        if old:
+            for path in (staging / "pixels.u8", staging):
+                os.utime(path, (day_ago, day_ago))
+    try:
+        cached_images("train", rows, "image", PrepareImage(16), tmp_path, 10**9)
+    finally:
+        running.kill()
+        running.wait()
+    for owner, _, kept in leftovers:
+        assert (tmp_path / f"{key}.staging-{owner}").exists() == kept, owner
+
+
+BUILDER = """
+import os, sys, time
+from pathlib import Path
+import datasets
+from hf_rifle.recipe import images
+images._host_name = lambda: os.environ["BUILDER_HOST"]  # two machines sharing the cache folder
+rows = datasets.load_from_disk(sys.argv[1])
+ready = Path(sys.argv[2], "ready-" + os.environ["BUILDER_HOST"])
+ready.touch()
+while not Path(sys.argv[2], "go").exists():
+    time.sleep(0.01)
+cache = images.cached_images("train", rows, "image", images.PrepareImage(16), Path(sys.argv[3]), 10**9)
+print(cache.folder)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_launchers_building_one_cache_at_once_both_end_with_one_complete_cache(tmp_path):
+    rows = digit_splits(rows=300)["train"].cast_column("image", datasets.Image(decode=False))
+    rows.save_to_disk(tmp_path / "rows")
+    expected = [PrepareImage(16)(encoded) for encoded in rows["image"]]
+    cache_root, signals = tmp_path / "cache", tmp_path / "signals"
+    signals.mkdir()
+    builders = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(BUILDER), str(tmp_path / "rows"), str(signals), str(cache_root)],
+            env={**os.environ, "BUILDER_HOST": host},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for host in ("node-a", "node-b")
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(signals.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (signals / "go").touch()  # both loaded their data: they build at once
+    outputs = [builder.communicate(timeout=300) for builder in builders]
+    for builder, (_, errors) in zip(builders, outputs):
+        assert builder.returncode == 0, errors[-3000:]
+    assert "Caching the train split" in outputs[0][1] and "Caching the train split" in outputs[1][1]  # both built
+    (folder,) = {output.strip() for output, _ in outputs}
+    assert [path.name for path in cache_root.iterdir()] == [os.path.basename(folder)]  # no staging folder left
+    cache = CachedImages(folder)
+    assert all(torch.equal(cache[row], image) for row, image in enumerate(expected))
 
 
 def broken_splits() -> tuple[datasets.DatasetDict, int]:
