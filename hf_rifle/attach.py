@@ -11,9 +11,9 @@ timm's `NativeScaler`:
 - after it: the head's update is rescaled to its cyclic learning rate, and the step counter advances;
 - at the first forward in training mode of a step that starts a period: the head is re-drawn (with
   `reinit_when="fitted"`, the default, only if it has fit: `hf_rifle.fit`). Not after the last update of a period,
-  since loops evaluate and save checkpoints in between, which must see the trained head. A head kept at a period
-  start follows the backbone's learning rate until the next re-draw instead of restarting its cosine: a run whose
-  every planned re-init is skipped is then plain fine-tuning after its first period;
+  since loops evaluate and save checkpoints in between, which must see the trained head. Under `"fitted"` only a head
+  RIFLE re-drew gets the cyclic cosine: the model's own head and a kept one follow the backbone's learning rate, so a
+  run whose every planned re-init is skipped is plain fine-tuning, bit for bit;
 - after the head's forward in training mode, in the last tenth of a period that ends in a re-init: its top-class
   loss (the fit test's statistic) is added up, and summed over ranks after each of those updates, so every rank
   decides alike.
@@ -156,7 +156,7 @@ class RifleHandle:
     def head_learning_rate(self) -> float:
         """The head's learning rate for the next update, as the backbone's is its param group's `lr`."""
         group = self._head_group()
-        if self._head_is_kept():
+        if self._head_follows_backbone():
             return self._backbone_lr(group)
         if not self._rescale_head:  # head groups of its own, or head_lr_schedule="trainer"
             return group["lr"]
@@ -184,26 +184,29 @@ class RifleHandle:
         self._set_step(step)
         self._begun_step = step
         if step not in self._reinit_steps:
-            self._follow_backbone_if_kept()
+            self._follow_backbone_if_not_redrawn()
             return None
         decision = self._decisions.get(step)
         first_time = decision is None
         if first_time:
             decision = self._decide(step)
         done = self._reinit(step=step) if decision.redrawn else None
-        self._follow_backbone_if_kept()
+        self._follow_backbone_if_not_redrawn()
         if first_time and _is_main_process():
             text = decision.describe(self.num_periods, self.reinit_when, done and done.head_name)
             logger.warning("RIFLE: %s", text)
         return done
 
-    def _head_is_kept(self) -> bool:
-        """Whether the current period began with a planned re-init that kept the head: such a head follows the
-        backbone's learning rate, as in plain fine-tuning, instead of a cosine restarted without a new head (which
-        cost 0.9 points as RIFLE-B in the grid, docs/benchmarks.md)."""
-        if not self._reinit_steps:
+    def _head_follows_backbone(self) -> bool:
+        """Under `"fitted"`, whether the head now is one RIFLE did not draw: the model's own head in the first period,
+        or a head kept at the start of this one. Such a head follows the backbone's learning rate, as in plain
+        fine-tuning, so that a run whose every planned re-init is skipped is plain fine-tuning, bit for bit; only a
+        head RIFLE re-drew gets the cosine that restarts with it (docs/benchmarks.md, "The safe default")."""
+        if not self._reinit_steps or self.reinit_when != "fitted":
             return False
         period = position_in_period(self._step, self.max_steps, self.num_periods)[0]
+        if period == 0:
+            return True
         start = period_starts(self.max_steps, self.num_periods)[period]
         decision = self._decisions.get(start)
         if decision is None and start == self._step and start in self._reinit_steps:  # logged before it is taken
@@ -284,7 +287,7 @@ class RifleHandle:
     def _before_update(self, optimizer, args, kwargs) -> None:
         if self._l2sp is not None:
             self._add_l2sp_gradient(optimizer)
-        if self._rescale_head and not self._head_is_kept():  # a kept head is on the backbone's learning rate
+        if self._rescale_head and not self._head_follows_backbone():  # otherwise on the backbone's learning rate
             self._head_updates = record_head_update_(
                 optimizer, self._head_params, self._step, self.max_steps, self.num_periods, self._peak_lr
             )
@@ -296,11 +299,12 @@ class RifleHandle:
             self._add_step_to_fit_statistic()
         self._set_step(self._step + 1)
 
-    def _follow_backbone_if_kept(self) -> None:
-        """At a step's start, in a period whose head was kept: head groups of their own (RifleTrainer's) take the
-        backbone group's learning rate for this step. Their scheduler sets its own curve again after the update,
-        which the next step's start overrides the same way; a head sharing the backbone's group is not rescaled."""
-        if self._head_is_kept():
+    def _follow_backbone_if_not_redrawn(self) -> None:
+        """At a step's start, while the head is one RIFLE did not draw (`_head_follows_backbone`): head groups of
+        their own (RifleTrainer's) take the backbone group's learning rate for this step. Their scheduler sets its
+        own curve again after the update, which the next step's start overrides the same way; a head sharing the
+        backbone's group is not rescaled."""
+        if self._head_follows_backbone():
             for group in self._optimizer.param_groups:
                 if group.get(HEAD_GROUP_KEY):
                     group["lr"] = self._backbone_lr(group)

@@ -101,9 +101,12 @@ OPERATIONAL_SETTINGS = {
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
 }
-# The paper's optimisation (SGD, momentum 0.9, lr 0.01, cosine) and what a recipe run reports; flags and
-# config files override them.
+# The paper's recipe (Sec. 4.1: 40 epochs, batch size 32, SGD momentum 0.9, lr 0.01, cosine; weight decay 1e-4 with
+# L2 and shorter side 256 then 224 crops come from RifleConfig and DataArguments) and what a recipe run reports;
+# flags and config files override them, and a resumed run keeps the values it started with.
 RECIPE_DEFAULTS = {
+    "num_train_epochs": 40,
+    "per_device_train_batch_size": 32,
     "optim": "sgd",
     "optim_args": "momentum=0.9",
     "learning_rate": 0.01,
@@ -221,6 +224,9 @@ def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtensi
             **defaults_for(demo=not asks_for_help and ("demo" in named or not named & set(DATA_SOURCES)))
         )
         *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        if started := started_settings(parsed, named, extensions):  # a resumed run keeps what it started with
+            parser.set_defaults(**started)
+            *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
         if unknown:
             raise ValueError(
                 f"Unknown arguments for hf-rifle-train: {' '.join(unknown)}. `hf-rifle-train --help` lists the "
@@ -233,6 +239,31 @@ def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtensi
     return RecipeArguments(
         model_args, data_args, args, {e.name: settings for e, settings in zip(extensions, extension_settings)}
     )
+
+
+def started_settings(parsed: list, named: set[str], extensions: Sequence[RecipeExtension] = ()) -> dict:
+    """Where `--output_dir` holds a run to resume: the settings it was started with that the command line does not
+    name and that now default to other values (say, after an upgrade changed a default), so the run resumes as it
+    began. Settings the command line names are compared by `resume_point`, which refuses a difference."""
+    model_args, data_args, *extension_settings, args = parsed
+    saved_file = Path(args.output_dir, CONFIG_FILE)
+    if not saved_file.is_file():
+        return {}
+    saved = json.loads(saved_file.read_text())
+    run = RecipeArguments(model_args, data_args, args, {e.name: s for e, s in zip(extensions, extension_settings)})
+    started = {
+        name: saved[section][name]
+        for section, settings in run_record(run).items()
+        for name, value in settings.items()
+        if name not in named | OPERATIONAL_SETTINGS and name in saved.get(section, {}) and saved[section][name] != value
+    }
+    if started:
+        logger.info(
+            "Resuming the run in %s with the settings it was started with: %s.",
+            args.output_dir,
+            ", ".join(f"--{name} {value}" for name, value in sorted(started.items())),
+        )
+    return started
 
 
 def defaults_for(demo: bool) -> dict:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hf_rifle import RifleConfig, RifleTrainerCallback, reinit_head_at_period_start_
-from hf_rifle.attach import STATE_KEY, attach
+from hf_rifle.attach import DEFAULT_SEED, STATE_KEY, attach
 from hf_rifle.fit import FITTED_LOSS_RATIO, FitDecision, decide_redraw, fit_windows, top_class_loss_ratios
 
 from ..helpers import TinyClassifier, fit_batch, learnable_then_random
@@ -82,17 +82,17 @@ def test_a_head_that_cannot_fit_is_kept_under_fitted_and_redrawn_under_always(ca
 
     _, _, always = run("always", signal=0.0)
     assert [(d.step, d.redrawn) for d in always.decisions] == [(10, True), (20, True)]
-    assert always.decisions[0].loss_ratio == fitted.decisions[0].loss_ratio  # the same run up to the decision
+    assert always.decisions[0].loss_ratio > 0.6
 
 
 def test_a_head_that_fits_within_a_few_steps_is_redrawn_at_the_planned_steps_under_both():
-    always_model, _, always = run("always", signal=8.0)
-    fitted_model, _, fitted = run("fitted", signal=8.0)
+    """The same re-draws; the runs differ in the first period only, where "fitted" leaves the model's own head on
+    the optimizer's learning rate (tests/core/test_safe_default.py)."""
+    _, _, always = run("always", signal=8.0)
+    _, _, fitted = run("fitted", signal=8.0)
     assert [(d.step, d.redrawn) for d in fitted.decisions] == [(10, True), (20, True)]
-    assert all(d.loss_ratio < FITTED_LOSS_RATIO for d in fitted.decisions)
-    assert always.decisions == fitted.decisions
-    for a, b in zip(always_model.parameters(), fitted_model.parameters()):
-        assert torch.equal(a, b)  # the same run, bit for bit
+    assert [(d.step, d.redrawn) for d in always.decisions] == [(10, True), (20, True)]
+    assert all(d.loss_ratio < FITTED_LOSS_RATIO for d in fitted.decisions + always.decisions)
 
 
 def test_always_is_the_papers_schedule_bit_for_bit_whatever_the_statistic():
@@ -103,7 +103,7 @@ def test_always_is_the_papers_schedule_bit_for_bit_whatever_the_statistic():
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
     attach(plain, optimizer, MAX_STEPS, reinit_head=False)
     for step in range(MAX_STEPS):
-        reinit_head_at_period_start_(plain, optimizer, step, MAX_STEPS, 3, seed=0)
+        reinit_head_at_period_start_(plain, optimizer, step, MAX_STEPS, 3, seed=DEFAULT_SEED)
         inputs, labels = fit_batch(step, 0.0)
         nn.functional.cross_entropy(plain(inputs), labels).backward()
         optimizer.step()

@@ -1,9 +1,10 @@
-"""The safe default (issue 30): `reinit_when="fitted"` on every path, a kept head on the backbone's learning rate (so a
-run whose every planned re-init is skipped is plain fine-tuning after its first period), no re-draw with under 8
-epochs left, and a resumed run on the schedule it started with, real training throughout."""
+"""The safe default (issue 30): `reinit_when="fitted"` on every path, a head RIFLE did not draw on the backbone's
+learning rate (so a run whose every planned re-init is skipped is plain fine-tuning), no re-draw with under 8 epochs
+left, and a resumed run on the schedule it started with, real training throughout."""
 
 import inspect
 import logging
+import math
 
 import pytest
 import torch
@@ -13,7 +14,6 @@ from transformers import Trainer, TrainingArguments
 from hf_rifle import RifleConfig, RifleTrainer, RifleTrainerCallback, attach
 from hf_rifle.attach import STATE_KEY
 from hf_rifle.fit import FitDecision, decide_redraw, late_redraw_steps
-from hf_rifle.schedule import cyclic_cosine_factor
 
 from ..helpers import RandomImages, TinyClassifier, fit_batch, timm_wrapper_resnet, tiny_run_settings
 from .test_fit import MAX_STEPS, run, saved
@@ -26,18 +26,15 @@ def test_fitted_is_the_default_of_every_path():
         assert inspect.signature(path).parameters["reinit_when"].default == "fitted"
 
 
-def test_after_its_first_period_a_run_whose_every_reinit_is_skipped_is_plain_fine_tuning_bit_for_bit():
-    """Labels independent of the inputs: no head fits, both planned re-inits (steps 10, 20) keep it. From step 10
-    on, the attached run is the same run detached there (plain SGD, no rescaling), to the last bit."""
+def test_a_run_whose_every_reinit_is_skipped_is_plain_fine_tuning_bit_for_bit():
+    """Labels independent of the inputs: no head fits, both planned re-inits (steps 10, 20) keep it. The attached run
+    is the same run never attached (plain SGD, no rescaling), to the last bit."""
     model, _, rifle = run("fitted", signal=0.0)
     assert [(d.step, d.redrawn) for d in rifle.decisions] == [(10, False), (20, False)]
 
     plain = TinyClassifier()
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
-    handle = attach(plain, optimizer, MAX_STEPS)
     for step in range(MAX_STEPS):
-        if step == 10:
-            handle.detach()
         inputs, labels = fit_batch(step, 0.0)
         nn.functional.cross_entropy(plain(inputs), labels).backward()
         optimizer.step()
@@ -48,8 +45,8 @@ def test_after_its_first_period_a_run_whose_every_reinit_is_skipped_is_plain_fin
 
 @pytest.mark.parametrize("path", ["callback", "rifle_trainer"])
 def test_a_kept_heads_learning_rate_read_back_from_the_optimizer_is_the_backbones(tmp_path, path):
-    """Random images and labels that a tiny ResNet cannot fit in 9 steps: both re-inits kept. Period 1 runs the
-    head's cosine; periods 2 and 3 the backbone's learning rate, as the optimizer holds it at each update."""
+    """Random images and labels that a tiny ResNet cannot fit in 9 steps: both re-inits kept. The head is on the
+    backbone's learning rate throughout, as the optimizer holds it at each update and as logged."""
     model = timm_wrapper_resnet()
     recorder = Recorder(model)
     settings = tiny_run_settings(tmp_path, learning_rate=0.1, optim_args=None)
@@ -66,13 +63,11 @@ def test_a_kept_heads_learning_rate_read_back_from_the_optimizer_is_the_backbone
     logged = {entry["step"]: entry["head_learning_rate"] for entry in trainer.state.log_history if "loss" in entry}
     for record in recorder.steps:
         step, backbone_lr = record["step"], record["backbone_lr"][0]
-        expected = 0.1 * cyclic_cosine_factor(step, 9, 3) if step < 3 else backbone_lr
+        assert backbone_lr == pytest.approx(0.1 * (1 + math.cos(math.pi * step / 9)) / 2, abs=1e-15)
         if path == "rifle_trainer":  # the head's groups of its own
-            assert record["head_lr"] == pytest.approx([expected] * len(record["head_lr"]), abs=1e-15)
-        if step + 1 in logged and step + 1 < 9:  # logged after the update: the learning rate of the next
-            next_backbone = next(r["backbone_lr"][0] for r in recorder.steps if r["step"] == step + 1)
-            next_expected = 0.1 * cyclic_cosine_factor(step + 1, 9, 3) if step + 1 < 3 else next_backbone
-            assert logged[step + 1] == pytest.approx(next_expected, abs=1e-15)
+            assert record["head_lr"] == [backbone_lr] * len(record["head_lr"])
+        if step in logged:  # logged after the update of step - 1: the learning rate of this one
+            assert logged[step] == backbone_lr
 
 
 def test_no_head_is_redrawn_with_fewer_than_8_epochs_left_and_the_boundary_is_redrawn():
@@ -124,3 +119,20 @@ def test_a_checkpoint_of_an_always_run_resumes_as_always_bit_for_bit(caplog, rec
     said = [r for r in caplog.records if "resumes with it" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING
     assert "started with reinit_when='always' and resumes with it (asked: 'fitted')" in said[0].getMessage()
+
+
+def test_only_a_head_rifle_redrew_gets_the_cyclic_cosine():
+    """A head that fits within a few steps: re-drawn at 10 and 20. Its learning rate, read after each update, is the
+    optimizer's (the backbone's) in the first period and the cosine restarted with each re-drawn head after it."""
+    model = TinyClassifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rifle = attach(model, optimizer, MAX_STEPS)
+    for step in range(MAX_STEPS):
+        inputs, labels = fit_batch(step, 8.0)
+        nn.functional.cross_entropy(model(inputs), labels).backward()
+        head_lr = rifle.head_learning_rate
+        expected = 0.1 if step < 10 else 0.1 * (1 + math.cos(math.pi * (step % 10) / 10)) / 2
+        assert head_lr == pytest.approx(expected, abs=1e-15), step
+        optimizer.step()
+        optimizer.zero_grad()
+    assert [d.redrawn for d in rifle.decisions] == [True, True]

@@ -206,7 +206,7 @@ def test_a_signal_as_training_ends_goes_to_the_handler_it_had_before(tmp_path):
 def test_a_run_stopped_before_its_schedule_says_so_in_card_and_summary(
     tmp_path, data_and_model, capsys, stopper, extra, step, reason
 ):
-    main(flags(tmp_path, data_and_model, *extra), callbacks=[stopper()])
+    main(flags(tmp_path, data_and_model, "--reinit_when", "always", *extra), callbacks=[stopper()])
     card = (tmp_path / "README.md").read_text()
     assert f"**Training stopped early**, after optimizer step {step} of 18 ({reason})" in card
     assert "Head re-initialized at optimizer steps: 6 (of 18)" in card  # the re-init at 12 never happened

@@ -94,8 +94,9 @@ def test_recipe_writes_model_config_metrics_plot_and_card(timm_run, timm_hub_fol
 def test_model_card_records_method_results_and_reinit_steps(timm_run):
     output_dir, metrics = timm_run
     card = ModelCard.load(output_dir / "README.md")
-    max_steps = 2 * 3  # 12 images, batch 4, 2 epochs
-    assert f"Head re-initialized at optimizer steps: {max_steps // 2} (of {max_steps})" in card.text
+    max_steps = 2 * 3  # 12 images, batch 4, 2 epochs: a head that cannot fit in 3 steps, kept under the default
+    assert 'Re-initializations planned: 1, done: 0 (`reinit_when="fitted"`)' in card.text
+    assert f"Head re-initialized at optimizer steps: none (of {max_steps})" in card.text
     assert "with **RIFLE** and **L2**" in card.text and "learning_curve.png" in card.text
     assert f"| test | {100 * metrics['test_accuracy']:.2f}% |" in card.text
     assert 'timm.create_model("hf-hub:' in card.text
@@ -164,18 +165,18 @@ def test_demo_code_path_on_a_reduced_size(tmp_path, capsys):
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "test_top5_accuracy" in metrics
     printed = capsys.readouterr().out
     assert "test accuracy: top-1" in printed and str(tmp_path / "README.md") in printed
-    # One epoch in 2 periods: the short-period warning ends the console summary and is in the card.
+    # One epoch in 2 periods: under the default reinit_when="fitted" the fit test, not a warning, decides.
     summary = printed[printed.index("fine-tuning finished") :]
-    assert "warnings about this run's settings (also in the model card):\n  - RIFLE periods of 0.5 epochs" in summary
-    # 20 training images, batch 16: 2 steps, the head re-drawn at step 1 under the default reinit_when="always".
+    assert "warnings about this run's settings" not in summary
+    # 20 training images, batch 16: 2 steps, the head (not fit after one step) kept at step 1.
     assert re.search(
-        r"head re-initializations: 1 of 1 planned done \(reinit_when='always'\): step 1: re-drawn \(top-class loss "
+        r"head re-initializations: 0 of 1 planned done \(reinit_when='fitted'\): step 1: kept \(top-class loss "
         r"ratio 0\.\d\d\)",
         summary,
     )
     card = (tmp_path / "README.md").read_text()
-    assert "In this run the head was re-drawn at every period start, whether it had fit or not" in card
-    assert "Warnings raised about this run's settings:\n\n- RIFLE periods of 0.5 epochs (1 epochs / K=2)" in card
+    assert "In this run the head was re-drawn at a period start only once it had fit its training batches" in card
+    assert "Warnings raised about this run's settings" not in card
     assert json.loads((tmp_path / "config.json").read_text())["architecture"] == "tf_efficientnet_lite0"
 
 
@@ -272,6 +273,9 @@ def test_recipe_help_lists_recipe_and_rifle_options_only(capsys):
         ("optim", "sgd"),
         ("max_grad_norm", "0.0"),
         ("num_periods", "3"),
+        ("num_train_epochs", "40"),  # the paper's (Sec. 4.1), not TrainingArguments' 3 epochs at batch size 8
+        ("per_device_train_batch_size", "32"),
+        ("reinit_when", "fitted"),
     ):
         option_help = options.split(f"--{option.replace('_', '-')} ", 1)[1].split(" --", 1)[0]
         assert f"(default: {default})" in option_help, option_help
@@ -306,6 +310,37 @@ def test_a_yaml_config_file_gets_the_recipe_defaults(image_folders, timm_hub_fol
     # A newcomer's first run is one the project recommends: periods long enough that no warning fires.
     assert demo.training.num_train_epochs / demo.training.num_periods >= MIN_EPOCHS_PER_PERIOD
     assert demo.extensions == {}
+
+
+def test_a_run_named_by_its_data_and_model_only_trains_with_the_papers_recipe(image_folders, timm_hub_folder, tmp_path):
+    run = parse_args(["--train_dir", str(image_folders["train"]), "--model_name_or_path", str(timm_hub_folder)])
+    args, data = run.training, run.data
+    assert (args.num_train_epochs, args.per_device_train_batch_size, args.learning_rate) == (40, 32, 0.01)
+    assert (args.optim.value, args.optim_args, args.lr_scheduler_type.value) == ("sgd", "momentum=0.9", "cosine")
+    assert (args.weight_decay, data.resize_size, data.crop_size) == (1e-4, 256, 224)
+    assert (args.reinit_when, args.max_grad_norm) == ("fitted", 0.0)
+
+
+def test_a_resumed_run_keeps_the_settings_it_started_with_that_the_command_does_not_name(
+    image_folders, timm_hub_folder, tmp_path, caplog
+):
+    """A run started before the defaults changed (3 epochs, the paper's re-init schedule) resumes with them when
+    the restart names neither; a setting named again with another value is refused, as before."""
+    from hf_rifle.recipe.train import CONFIG_FILE, resume_point, run_record
+
+    data = ["--train_dir", str(image_folders["train"]), "--model_name_or_path", str(timm_hub_folder)]
+    output = ["--output_dir", str(tmp_path / "run")]
+    started = parse_args([*data, *output, "--num_train_epochs", "3", "--reinit_when", "always"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CONFIG_FILE).write_text(json.dumps(run_record(started)))
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
+        resumed = parse_args([*data, *output])
+    assert (resumed.training.num_train_epochs, resumed.training.reinit_when) == (3, "always")
+    assert "--num_train_epochs 3.0, --reinit_when always" in caplog.text
+    assert resume_point(str(tmp_path / "run"), run_record(resumed)) is None  # the same run: no refusal
+    renamed = parse_args([*data, *output, "--reinit_when", "fitted"])
+    with pytest.raises(ValueError, match=r"differs in: training\.reinit_when"):
+        resume_point(str(tmp_path / "run"), run_record(renamed))
 
 
 def test_local_weights_file_with_a_timm_architecture(image_folders, tmp_path):
