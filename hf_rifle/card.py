@@ -1,7 +1,12 @@
 """What a RIFLE run reports: final metrics, a learning-curve plot and a model card, all read off the
 Trainer's `log_history`, so a card can be written for any finished `RifleTrainer` run.
 
-The plot needs matplotlib, which the core does not require: without it the card says how to get the plot.
+The plot needs matplotlib, which the core does not require: without it the card says how to get the plot. It is drawn
+through matplotlib's object API (a `Figure` on its own Agg canvas), never pyplot: a card written from a notebook or an
+application leaves its plotting backend and its open figures as they were.
+
+The card's task (metadata, pipeline tag, tags, how-to-use example) follows the model's: a text classifier's card says
+text-classification, which is the `pipeline` filter a Hub user finds it by.
 """
 
 import importlib.util
@@ -18,6 +23,20 @@ CARD_TEMPLATE_NAME = "rifle_image_classifier.md"
 PLOT_FILE = "learning_curve.png"
 NO_PLOT_NOTE = "No learning-curve plot: matplotlib was not installed (`pip install matplotlib` adds it to later runs)."
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
+IMAGE_CLASSIFICATION = "image-classification"
+# Per task: how the card calls the model and what the model is, where a Hub id for it is not known.
+TASK_USAGE = {
+    "image-classification": {"example_input": "image.jpg", "model": "image classifier", "data": "image"},
+    "text-classification": {"example_input": "A sentence to classify.", "model": "text classifier", "data": "text"},
+    "audio-classification": {"example_input": "audio.wav", "model": "audio classifier", "data": "audio"},
+}
+# The task of a transformers model, by its main input when its class is not in the Auto mappings (a custom class).
+TASK_BY_MAIN_INPUT = {
+    "pixel_values": "image-classification",
+    "input_ids": "text-classification",
+    "input_values": "audio-classification",
+    "input_features": "audio-classification",
+}
 REINIT_WHEN_TITLES = {
     "always": "always: at every period start (the paper's Algorithm 1)",
     "fitted": "fitted: at a period start only once the head has fit its training batches",
@@ -51,21 +70,21 @@ def plot_learning_curve(log_history: list[dict], reinit_steps: list[int], path) 
     """Training loss and validation accuracy against the optimizer step (top) and the backbone's and head's
     learning rates (bottom), a dashed line at each re-init.
 
+    Drawn on a `Figure` with its own Agg canvas, not through pyplot: nothing process-wide changes (the caller's
+    backend, pyplot's list of open figures), so calling it from a notebook or a GUI application is harmless.
     Returns None, writing nothing, when matplotlib is not installed.
     """
     if importlib.util.find_spec("matplotlib") is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     def series(key: str) -> list[tuple[float, float]]:
         return [(entry["step"], entry[key]) for entry in log_history if key in entry]
 
-    figure, (loss_axis, lr_axis) = plt.subplots(
-        2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
-    )
+    figure = Figure(figsize=(7, 5.5))
+    FigureCanvasAgg(figure)  # renders this figure only; pyplot's backend is not consulted
+    loss_axis, lr_axis = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     if losses := series("loss"):
         loss_axis.plot(*zip(*losses), color="tab:blue", label="training loss")
     loss_axis.set_ylabel("training loss", color="tab:blue")
@@ -93,8 +112,50 @@ def plot_learning_curve(log_history: list[dict], reinit_steps: list[int], path) 
         lr_axis.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return Path(path)
+
+
+def classification_task(model) -> str:
+    """The Hub task of a classifier: `text-classification`, `image-classification` or `audio-classification`.
+
+    Read from the model, not assumed, so that a text classifier's card carries the `pipeline_tag` Hub users filter
+    on. A transformers class is looked up in the Auto mappings (`AutoModelForSequenceClassification` and the
+    others), a custom one by its `main_input_name`; anything else (a timm model, a plain `nn.Module`) is an image
+    classifier, the models RIFLE targets. Wrappers (DDP's `module`, PEFT's `base_model`) are looked through.
+    """
+    for candidate in _unwrapped(model):
+        task = _task_of_class(type(candidate).__name__) or TASK_BY_MAIN_INPUT.get(
+            getattr(candidate, "main_input_name", None)
+        )
+        if task:
+            return task
+    return IMAGE_CLASSIFICATION
+
+
+def _unwrapped(model) -> list:
+    """`model`, then what DDP (`module`) or PEFT (`base_model.model`) wrap, outermost first."""
+    chain = [model]
+    for attribute in ("module", "base_model", "model"):
+        inner = getattr(chain[-1], attribute, None)
+        if inner is not None and inner is not chain[-1] and hasattr(inner, "forward"):
+            chain.append(inner)
+    return chain
+
+
+def _task_of_class(class_name: str) -> str | None:
+    """The task whose transformers Auto mapping lists `class_name`, or None (not a transformers classifier)."""
+    from transformers.models.auto import modeling_auto
+
+    mappings = {
+        "text-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "image-classification": modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        "audio-classification": modeling_auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+    }
+    for task, mapping in mappings.items():
+        for names in mapping.values():
+            if class_name in ((names,) if isinstance(names, str) else names):
+                return task
+    return None
 
 
 def render_model_card(
@@ -114,16 +175,23 @@ def render_model_card(
     trained_steps: int | None = None,
     stopped_early: str | None = None,
     warnings: list[str] = (),
+    task: str = IMAGE_CLASSIFICATION,
 ) -> ModelCard:
     """A model card with `model-index` metadata that `huggingface_hub.ModelCard` parses back. A run that stopped
     before `max_steps` says so, with `trained_steps` and the reason `stopped_early`, above its results; the
     `warnings` raised about its settings follow the settings, so a reader of the model on the Hub sees them too.
     `decisions` (one per planned re-initialization reached) give the fit statistic and whether the head was re-drawn.
+    `task` (`classification_task(model)`) sets the metadata's task, pipeline tag and tags and the usage example.
     """
+    if task not in TASK_USAGE:
+        raise ValueError(
+            f"task={task!r}: a RIFLE card describes one of {sorted(TASK_USAGE)}; pass classification_task(model)."
+        )
+    usage = TASK_USAGE[task]
     metrics = final_metrics(log_history)
     eval_results = [
         EvalResult(
-            task_type="image-classification",
+            task_type=task,
             dataset_type=_hub_id(dataset) or "local",
             dataset_name=Path(dataset).name,
             dataset_config=dataset_config,
@@ -141,8 +209,8 @@ def render_model_card(
         datasets=[dataset] if _hub_id(dataset) else None,
         eval_results=eval_results or None,
         library_name="timm" if timm_architecture else "transformers",
-        pipeline_tag="image-classification",
-        tags=["image-classification", "rifle", args.method.lower(), args.regularizer, "hf_rifle"],
+        pipeline_tag=task,
+        tags=[task, "rifle", args.method.lower(), args.regularizer, "hf_rifle"],
         metrics=["accuracy"],
     )
     return ModelCard.from_template(
@@ -151,8 +219,8 @@ def render_model_card(
         model_name=repo_id.split("/")[-1],
         method=args.method,
         regularizer_name="L2-SP" if args.regularizer == "l2sp" else "L2",
-        base_model_link=_link(base_model, "models") or "A pretrained image classifier",
-        dataset_link=_link(dataset, "datasets") or "an image classification dataset",
+        base_model_link=_link(base_model, "models") or f"A pretrained {usage['model']}",
+        dataset_link=_link(dataset, "datasets") or f"a {usage['data']} classification dataset",
         results=[
             {"split": split, "top1": _percent(values.get("accuracy")), "top5": _percent(values.get("top5_accuracy"))}
             for split, values in metrics.items()
@@ -180,6 +248,8 @@ def render_model_card(
         warnings=list(warnings),
         repo_id=repo_id,
         timm_architecture=timm_architecture,
+        task=task,
+        example_input=usage["example_input"],
     )
 
 

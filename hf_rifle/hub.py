@@ -63,10 +63,66 @@ def push_repo_id(args) -> str:
     return args.hub_model_id or Path(args.output_dir).absolute().name
 
 
+def hub_answer(error: BaseException) -> tuple[int | None, str]:
+    """The HTTP status of the first Hub answer in the chain (`HfHubHTTPError`) and its reason, the server's own
+    message where it sent one (the Hub says why it refused, e.g. "Invalid credentials in Authorization header"),
+    else the status's phrase. (None, the chain's innermost error) where no answer came."""
+    for cause in exception_chain(error):
+        response = getattr(cause, "response", None) if isinstance(cause, HfHubHTTPError) else None
+        if response is not None and getattr(response, "status_code", None) is not None:
+            phrase = getattr(response, "reason_phrase", None) or getattr(response, "reason", None) or ""
+            message = (cause.server_message or "").strip().splitlines()
+            return int(response.status_code), ": ".join(filter(None, [phrase, message[0] if message else ""]))
+    return None, innermost_reason(error)
+
+
+def refusal(status: int | None, request: str, reason: str, saved: str) -> Exception:
+    """The error for a Hub that answered `status` to `request` ("create ORG/NAME"), by what the status means and
+    what fixes it: 401/403 the token and its rights, 404 the repository id, 405 an endpoint that takes no uploads
+    (HF_ENDPOINT set to a mirror), 429 and 5xx a busy or failing Hub, which passes (retry later). `saved` says where
+    the run's files wait, if anywhere."""
+    hub = f"The Hub at {hub_endpoint()}"
+    give_up = "or drop --push_to_hub (push_to_hub=False) to train without uploading."
+    if status in (401, 403):
+        return PermissionError(
+            f"{hub} refused to {request} (HTTP {status} {reason}): the token is missing or invalid, or has no "
+            f"write rights there.{saved} Log in with a token that may write to that namespace (`hf auth login`, "
+            f"HF_TOKEN or --hub_token), check the repository id (--hub_model_id) and HF_ENDPOINT, {give_up}"
+        )
+    if status == 404:
+        return FileNotFoundError(
+            f"{hub} could not {request} (HTTP 404 {reason}): it has no such repository or namespace.{saved} Check "
+            f"the repository id (--hub_model_id: ORG/NAME, ORG your user or an organization the token belongs to) "
+            f"and HF_ENDPOINT, {give_up}"
+        )
+    if status == 405:
+        return PermissionError(
+            f"{hub} refused to {request} (HTTP 405 {reason}): it does not take uploads, as a read-only mirror of the "
+            f"Hub does not.{saved} Point HF_ENDPOINT at the Hub itself (or unset it) to push, {give_up}"
+        )
+    if status == 429:
+        return ConnectionError(
+            f"{hub} is busy: it rate-limited the request to {request} (HTTP 429 {reason}).{saved} Retry in a few "
+            f"minutes, {give_up}"
+        )
+    if status is not None and status >= 500:
+        return ConnectionError(
+            f"{hub} failed to {request} (HTTP {status} {reason}): a fault or an overload on the Hub's side, which "
+            f"usually passes.{saved} Retry in a few minutes, {give_up}"
+        )
+    answer = f"HTTP {status} {reason}" if status is not None else reason
+    return PermissionError(
+        f"{hub} refused to {request} ({answer}).{saved} Check that the token can write there (`hf "
+        f"auth login`, HF_TOKEN or --hub_token), the repository id (--hub_model_id) and HF_ENDPOINT, {give_up}"
+    )
+
+
 @contextmanager
 def push_errors_explained(repo_id: str, action: str, output_dir: str | None = None):
     """Turn a failed repository creation or upload into an error that says which Hub, which repository, and
-    what to do; after training (`output_dir` given) it also says that nothing was lost and how to upload later."""
+    what to do, by what went wrong (`refusal`); after training (`output_dir` given) it also says that nothing was
+    lost and how to upload later. A Hub that answered stays the new error's cause (`__cause__`), with its
+    status, request id and server message, for whoever needs more than the one line."""
     try:
         yield
     except Exception as error:
@@ -84,8 +140,5 @@ def push_errors_explained(repo_id: str, action: str, output_dir: str | None = No
                 f"{saved} Check the network and HF_ENDPOINT, and that your token can write there (`hf auth login`, "
                 "HF_TOKEN or --hub_token); or drop --push_to_hub (push_to_hub=False) to train without uploading."
             ) from None
-        raise PermissionError(
-            f"The Hub at {hub_endpoint()} refused to {action} {repo_id} ({innermost_reason(error)}).{saved} Check "
-            "that the token can write there (`hf auth login`, HF_TOKEN or --hub_token), the repository id "
-            "(--hub_model_id) and HF_ENDPOINT, or drop --push_to_hub (push_to_hub=False) to train without uploading."
-        ) from None
+        status, reason = hub_answer(error)
+        raise refusal(status, f"{action} {repo_id}", reason, saved) from error
