@@ -2,9 +2,8 @@
 constraints (`name==version`): CI installs them to test the versions the project declares."""
 
 import re
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 for requirement in [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]:

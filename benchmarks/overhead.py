@@ -642,7 +642,7 @@ def run(settings: argparse.Namespace) -> dict:
     ratios = {variant: results[variant]["ratio_to_trainer"]["median"] for variant in TARGET_VARIANTS}
     return {
         "benchmark": "hf_rifle overhead",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(device),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(settings).items()},
         "timed_step_indices": timed_step_indices(settings),

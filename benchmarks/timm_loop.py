@@ -358,7 +358,7 @@ def overhead(settings) -> dict:
     checked = ("attach_l2", "attach_l2sp")
     return {
         "benchmark": "hf_rifle.attach hooks in a plain PyTorch loop (issue 20)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {**sweeps.machine_description(), "torch_threads": torch.get_num_threads(), "timm": timm.__version__},
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(settings).items()},
         "max_steps": max_steps,
