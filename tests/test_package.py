@@ -92,3 +92,21 @@ def test_ci_runs_the_test_commands_the_readme_gives():
     assert [command.rsplit("pytest", 1)[1] for command in commands] == [' -m "not slow"', " -m slow"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert all(command in ci for command in commands), commands
+
+
+def bibtex_block(markdown: str) -> str:
+    return re.search(r"```bibtex\n(.*?)```", markdown, re.S).group(1)
+
+
+def test_readme_card_and_citation_file_cite_the_same_paper():
+    """One citation everywhere: README's BibTeX is the model card's (its template escapes braces for jinja), and
+    CITATION.cff's preferred citation has the same title and authors."""
+    import yaml
+
+    card = (ROOT / "model_cards" / "rifle_image_classifier.md").read_text()
+    card_bibtex = bibtex_block(card).replace("{{ '{' }}", "{").replace("{{ '}' }}", "}")
+    assert bibtex_block((ROOT / "README.md").read_text()) == card_bibtex
+    cited = yaml.safe_load((ROOT / "CITATION.cff").read_text())["preferred-citation"]
+    authors = " and ".join(f"{a['family-names']}, {a['given-names']}" for a in cited["authors"])
+    assert f"title     = {{{cited['title']}}}" in card_bibtex and f"author    = {{{authors}}}" in card_bibtex
+    assert cited["year"] == 2020 and (ROOT / "LICENSE").read_text().count("Apache License") >= 1
