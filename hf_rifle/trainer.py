@@ -28,7 +28,7 @@ from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback, _loss_ignores_items_in_batch
-from .card import PLOT_FILE, plot_learning_curve, render_model_card
+from .card import PLOT_FILE, classification_task, plot_learning_curve, render_model_card
 from .checkpoints import (
     STAGING_DIR,
     check_resumable,
@@ -337,5 +337,6 @@ class RifleTrainer(Trainer):
             trained_steps=self.state.global_step,
             stopped_early=self.stopped_early(),
             warnings=self.rifle.settings_warnings,
+            task=classification_task(self.model),
         )
         card.save(os.path.join(output_dir, "README.md"))

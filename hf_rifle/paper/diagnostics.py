@@ -177,16 +177,18 @@ def weight_distance_from_pretrained(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg backend: no display needed)
+# Plots (matplotlib's object API on an Agg canvas: no display needed, and no pyplot backend switched)
 
 
-def _pyplot():
-    import matplotlib
+def _subplots(rows: int, columns: int, figsize: tuple[float, float], **kwargs):
+    """A figure on its own Agg canvas and its axes, as `hf_rifle.card` draws: a notebook's plotting backend stays
+    as it was, and no figure is left open in pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, columns, **kwargs)
 
 
 def _series(log_history: list[dict], key: str) -> list[tuple[float, float]]:
@@ -214,11 +216,12 @@ def plot_accuracy_curves(runs: dict[str, list[dict]], reinit_steps: dict[str, li
         reinit_steps: run label -> optimizer steps of its re-inits (`RifleTrainer.reinit_steps()`); may omit runs.
         path: the PNG to write.
     """
-    plt = _pyplot()
+    from matplotlib import rcParams
+
     reinit_steps = reinit_steps or {}
     train_key = "train_accuracy" if all(_series(h, "train_accuracy") for h in runs.values()) else "loss"
-    figure, (train_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, (train_axis, eval_axis) = _subplots(1, 2, figsize=(11, 4))
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, history) in enumerate(runs.items()):
         color = colors[i % len(colors)]
         if series := _series(history, train_key):
@@ -240,7 +243,6 @@ def plot_accuracy_curves(runs: dict[str, list[dict]], reinit_steps: dict[str, li
             axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return Path(path)
 
 
@@ -264,10 +266,9 @@ def plot_gradient_norms(runs: dict[str, list], path, log_scale: bool = False) ->
                     layers.append(key)
     if not layers:
         raise ValueError("No grad_norm/<layer> entries in these runs: train them with GradientNormCallback().")
-    plt = _pyplot()
     columns = min(len(layers), 4)
     rows = math.ceil(len(layers) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = _subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
     for axis, key in zip(axes.flat, layers):
         for label, histories in runs.items():
             epochs, means, lows, highs = mean_over_runs(histories, key)
@@ -285,7 +286,6 @@ def plot_gradient_norms(runs: dict[str, list], path, log_scale: bool = False) ->
         axis.set_visible(False)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return Path(path)
 
 

@@ -6,10 +6,17 @@ import pytest
 from huggingface_hub import ModelCard
 from torch import nn
 
-from hf_rifle import RifleConfig
+from hf_rifle import RifleConfig, RifleTrainer
 from hf_rifle.card import IMAGE_CLASSIFICATION, classification_task, plot_learning_curve, render_model_card
 
-from ..helpers import TinyClassifier, native_resnet, timm_wrapper_resnet, tiny_run_settings, tiny_text_classifier
+from ..helpers import (
+    TinyClassifier,
+    native_resnet,
+    timm_wrapper_resnet,
+    tiny_run_settings,
+    tiny_text_classifier,
+    token_dataset,
+)
 
 LOG_HISTORY = [
     {"step": 1, "loss": 1.2, "learning_rate": 0.01, "head_learning_rate": 0.01},
@@ -98,3 +105,15 @@ def test_writing_the_card_plot_leaves_the_callers_backend_set(svg_backend, tmp_p
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.get_backend() == "svg"
     assert plt.get_fignums() == open_figures  # the card's figure never joined pyplot's
+
+
+def test_rifle_trainers_card_of_a_text_classifier_is_filed_under_text_classification(tmp_path):
+    trainer = RifleTrainer(
+        model=tiny_text_classifier(),
+        args=RifleConfig(**tiny_run_settings(tmp_path, max_steps=3)),
+        train_dataset=token_dataset(),
+    )
+    trainer.train()
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.pipeline_tag == "text-classification" and "image-classification" not in card.data.tags

@@ -288,3 +288,17 @@ def test_gradient_norms_by_period_pairs_seeds_and_averages_each_period():
     assert rows[1]["ratio"] == 2.5 and rows[1]["seeds_higher"] == 2
     assert rows[1]["ratio_ci95"][0] == pytest.approx(2.5 - 12.706 * 0.5, rel=1e-3)
     assert "| stage | 2 | 2 | 1.5 | 4 | 2.50 [" in gradient_norm_table(rows)
+
+
+def test_the_papers_figures_leave_the_callers_plotting_backend_and_open_no_pyplot_figure(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    found = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        open_figures = plt.get_fignums()
+        assert is_png(plot_accuracy_curves({"L2": synthetic_history()}, None, tmp_path / "figure1.png"))
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == open_figures
+    finally:
+        matplotlib.use(found)
