@@ -176,7 +176,9 @@ class RifleHandle:
 
     def begin_step(self, step: int) -> HeadReinit | None:
         """Start optimizer step `step` (from 0): re-draw the head if it starts one of periods 2..K (with
-        `reinit_when="fitted"`, only if the head has fit; the decision is logged at WARNING either way).
+        `reinit_when="fitted"`, only if the head has fit). The decision is logged, at INFO when the method does what it
+        planned and at WARNING when it does not (`FitDecision.needs_attention`): a warning that is always there
+        would teach users to ignore the one about a head re-drawn before it fit.
 
         For loops that count their own steps (Trainer's `global_step`, timm's `num_updates`), called before the
         step's first forward; the forward hook calls it otherwise, and skips a step already begun.
@@ -194,7 +196,7 @@ class RifleHandle:
         self._follow_backbone_if_not_redrawn()
         if first_time and _is_main_process():
             text = decision.describe(self.num_periods, self.reinit_when, done and done.head_name)
-            logger.warning("RIFLE: %s", text)
+            logger.log(logging.WARNING if decision.needs_attention else logging.INFO, "RIFLE: %s", text)
         return done
 
     def _head_follows_backbone(self) -> bool:

@@ -58,8 +58,9 @@ class RifleTrainerCallback(TrainerCallback):
     The head's learning rate is given by rescaling its update after every optimizer step, exact for optimizers
     whose update is proportional to the learning rate (SGD, Adam, AdamW, RMSprop, Adagrad, ...; others are refused
     at train begin). Where the Trainer's learning rate is 0 (the first step of a warmup) the head does not move.
-    The L2-SP gradient is added after gradient clipping, just before the optimizer step. Each re-init is logged at
-    WARNING, so it shows in a script's console; `head_learning_rate` and `rifle_period` (and `l2sp_loss`) join the
+    The L2-SP gradient is added after gradient clipping, just before the optimizer step. Each planned re-init is
+    logged: at INFO when it goes as planned (a fitted head re-drawn), at WARNING when a user should act (a head
+    re-drawn before it fit, or a re-init skipped); `head_learning_rate` and `rifle_period` (and `l2sp_loss`) join the
     Trainer's logs, the log history and the reporting integrations.
 
     Pass the callback to `Trainer(callbacks=[...])`: with L2-SP it records the pretrained backbone when the

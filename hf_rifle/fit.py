@@ -66,6 +66,14 @@ class FitDecision:
     def steps_left(self) -> int:
         return self.max_steps - self.step
 
+    @property
+    def needs_attention(self) -> bool:
+        """Whether the run is not getting what RIFLE promises here, which a user should hear about (WARNING): a planned
+        re-init skipped (the head kept), or a head re-drawn although it was measured not to have fit (the paper's
+        schedule, `reinit_when="always"`, throwing away a head still learning). A fitted head re-drawn, or one
+        re-drawn with no statistic to judge it by, is the method working as asked (INFO)."""
+        return not self.redrawn or (self.loss_ratio is not None and not self.fit)
+
     def measured(self) -> str:
         """The statistic against the threshold, in words."""
         if self.loss_ratio is None:
@@ -76,7 +84,7 @@ class FitDecision:
         )
 
     def describe(self, num_periods: int, reinit_when: str, head_name: str | None = None) -> str:
-        """The decision in words with the numbers behind it, as logged at WARNING."""
+        """The decision in words with the numbers behind it, as logged (at WARNING where it `needs_attention`)."""
         where = f"at step {self.step} of {self.max_steps}"
         if not self.redrawn and not self.fit:
             return f"kept the head {where}: it has not fit yet ({self.measured()})."

@@ -216,7 +216,7 @@ def cached_images(
             limit,
         )
         return None
-    logger.warning("Caching the %s split (%d images, resized) in %s for later runs too", split_name, len(rows), folder)
+    logger.info("Caching the %s split (%d images, resized) in %s for later runs too", split_name, len(rows), folder)
     host = _host_name()
     for leftover in folder.parent.glob(f"{folder.name}{STAGING_INFIX}*"):  # of builds killed midway
         if is_dead_build(leftover, host, time.time()):

@@ -108,7 +108,7 @@ def load_image_classifier(
         if not (replaced and LOAD_REPORT_MARK in record.getMessage()):
             modeling_utils.logger.handle(record)
     if replaced:
-        logger.warning(replaced)
+        logger.info(replaced)  # the point of loading a classifier for new labels: nothing to act on
     return model
 
 

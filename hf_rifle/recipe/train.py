@@ -400,8 +400,7 @@ def main(
     `extensions` add their settings and hooks (see `RecipeExtension`)."""
     run = parse_args(argv, extensions)
     args = run.training
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(args.get_process_log_level())
+    configure_logging(args)
     # The token goes where huggingface_hub reads it, never into training_args.bin, logs or the card.
     if args.hub_token:
         os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
@@ -437,6 +436,19 @@ def main(
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
+
+
+def configure_logging(args: RifleConfig) -> None:
+    """The console as transformers' example scripts set it up (`logging.basicConfig`, `--log_level` on the main
+    process, `--log_level_replica` on the others), except that by default (`--log_level passive`) only hf_rifle's
+    own INFO shows on the main process: what the run does (images cached, the head replaced for the new labels, each
+    head re-drawn) without transformers' and datasets' INFO, which would bury it. Other libraries stay at WARNING; an
+    explicit `--log_level` sets every library's level, hf_rifle's included; replicas show warnings only."""
+    level = args.get_process_log_level()  # passive: the libraries' own verbosity (WARNING)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    transformers.utils.logging.set_verbosity(level)
+    own_level = logging.INFO if args.should_log and args.log_level == "passive" else level
+    logging.getLogger("hf_rifle").setLevel(own_level)
 
 
 def train_evaluate_save(

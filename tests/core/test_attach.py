@@ -144,7 +144,7 @@ def test_the_head_is_redrawn_at_the_first_training_forward_of_a_period_and_evalu
         with torch.no_grad():
             model(**batch(data, 0))
 
-    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
         train(model, optimizer, scheduler, data, range(MAX_STEPS), between_steps=evaluate)
 
     assert all(torch.equal(seen["eval", step], trained[step]) for step in range(MAX_STEPS))
@@ -166,7 +166,7 @@ def test_gradient_accumulation_redraws_the_head_once_per_period(caplog):
     attach(model, optimizer, MAX_STEPS, num_periods=3, seed=SEED, reinit_when="always")
     weights = []  # the head at every training forward
     model.timm_model.fc.register_forward_pre_hook(lambda module, args: weights.append(module.weight + 0))
-    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
         train(model, optimizer, scheduler, data, range(MAX_STEPS), accumulation=2)
     assert len(weights) == 2 * MAX_STEPS
     assert all(torch.equal(weights[2 * step], weights[2 * step + 1]) for step in range(MAX_STEPS))
@@ -179,7 +179,7 @@ def test_gradient_accumulation_redraws_the_head_once_per_period(caplog):
     accelerate_model, accelerate_optimizer = accelerator.prepare(accelerate_model, accelerate_optimizer)
     rifle = attach(accelerate_model, accelerate_optimizer, MAX_STEPS, num_periods=3, seed=SEED, reinit_when="always")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
         for index in range(2 * MAX_STEPS):
             with accelerator.accumulate(accelerate_model):
                 accelerator.backward(accelerate_model(**batch(data, index)).loss)
@@ -201,7 +201,7 @@ def test_under_torch_compile_the_forward_hook_redraws_the_head_without_recompili
     attach(model, optimizer, MAX_STEPS, num_periods=3, seed=SEED, reinit_when="always")
     model.compile(backend="eager")  # the hook runs inside the compiled call; the eager backend keeps dynamo's guards
     graphs = []
-    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
         for step in range(MAX_STEPS):
             train(model, optimizer, scheduler, data, [step])
             graphs.append(counters["stats"]["unique_graphs"])
@@ -243,7 +243,7 @@ def test_resumed_through_the_optimizers_state_dict_a_run_ends_with_the_uninterru
     load(saved, model, optimizer, scheduler)
     assert (rifle.step, rifle.period) == (checkpoint, 2)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
         train(model, optimizer, scheduler, data, range(checkpoint, MAX_STEPS))
     assert reinit_messages(caplog) == [reinit_message(step) for step in (3, 6) if step >= checkpoint]
     assert_same_weights(model, full_model)
@@ -323,7 +323,7 @@ def test_after_detach_the_loop_trains_as_without_rifle(caplog):
     plain_model, _ = float64_model_and_data()
     plain_optimizer, plain_scheduler = sgd_and_cosine(plain_model)
     load(save(model, optimizer, scheduler), plain_model, plain_optimizer, plain_scheduler)
-    with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
         train(model, optimizer, scheduler, data, range(2, MAX_STEPS))
     train(plain_model, plain_optimizer, plain_scheduler, data, range(2, MAX_STEPS))
     assert reinit_messages(caplog) == []

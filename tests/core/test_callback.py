@@ -212,7 +212,8 @@ def test_planned_and_done_reinits_and_the_fit_statistic_reach_tensorboard_and_th
     assert "Head re-initialized at optimizer steps: none (of 9)." in card
 
 
-def test_each_reinit_is_a_warning_a_script_shows(tmp_path, caplog):
+def test_a_head_redrawn_before_it_fit_is_a_warning_a_script_shows(tmp_path, caplog):
+    """Random images and labels: under the paper's schedule the head is re-drawn in 3 steps, before it fit."""
     _, trainer = plain_trainer(tmp_path, dict(num_periods=3, reinit_when="always"))
     with caplog.at_level(logging.WARNING, logger="hf_rifle"):
         trainer.train()

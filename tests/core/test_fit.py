@@ -76,20 +76,32 @@ def test_a_head_that_cannot_fit_is_kept_under_fitted_and_redrawn_under_always(ca
         _, _, fitted = run("fitted", signal=0.0)
     assert [(d.step, d.redrawn) for d in fitted.decisions] == [(10, False), (20, False)]
     assert all(d.loss_ratio > 0.6 for d in fitted.decisions)  # labels independent of the inputs: near uniform
-    kept = [r.getMessage() for r in caplog.records if "kept the head" in r.getMessage()]
-    assert len(kept) == 2 and kept[0].startswith("RIFLE: kept the head at step 10 of 30: it has not fit yet (")
-    assert f"{fitted.decisions[0].loss_ratio:.2f} of a uniform guess's" in kept[0]
+    kept = [r for r in caplog.records if "kept the head" in r.getMessage()]
+    assert len(kept) == 2 and kept[0].getMessage().startswith(
+        "RIFLE: kept the head at step 10 of 30: it has not fit yet ("
+    )
+    assert f"{fitted.decisions[0].loss_ratio:.2f} of a uniform guess's" in kept[0].getMessage()
+    assert all(r.levelno == logging.WARNING for r in kept)  # the run is not getting the re-inits it asked for
 
-    _, _, always = run("always", signal=0.0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
+        _, _, always = run("always", signal=0.0)
     assert [(d.step, d.redrawn) for d in always.decisions] == [(10, True), (20, True)]
     assert always.decisions[0].loss_ratio > 0.6
+    # A head re-drawn before it fit is what a user should act on: a WARNING, saying that "fitted" would have kept it.
+    redrawn = [r for r in caplog.records if "re-initialized the head" in r.getMessage()]
+    assert len(redrawn) == 2 and all(r.levelno == logging.WARNING for r in redrawn)
+    assert all("reinit_when='fitted' would have kept it" in r.getMessage() for r in redrawn)
 
 
-def test_a_head_that_fits_within_a_few_steps_is_redrawn_at_the_planned_steps_under_both():
+def test_a_head_that_fits_within_a_few_steps_is_redrawn_at_the_planned_steps_under_both(caplog):
     """The same re-draws; the runs differ in the first period only, where "fitted" leaves the model's own head on
-    the optimizer's learning rate (tests/core/test_safe_default.py)."""
-    _, _, always = run("always", signal=8.0)
-    _, _, fitted = run("fitted", signal=8.0)
+    the optimizer's learning rate (tests/core/test_safe_default.py). Each is the method working as planned: INFO."""
+    with caplog.at_level(logging.INFO, logger="hf_rifle"):
+        _, _, always = run("always", signal=8.0)
+        _, _, fitted = run("fitted", signal=8.0)
+    redrawn = [r for r in caplog.records if "re-initialized the head" in r.getMessage()]
+    assert len(redrawn) == 4 and all(r.levelno == logging.INFO for r in redrawn)
     assert [(d.step, d.redrawn) for d in fitted.decisions] == [(10, True), (20, True)]
     assert [(d.step, d.redrawn) for d in always.decisions] == [(10, True), (20, True)]
     assert all(d.loss_ratio < FITTED_LOSS_RATIO for d in fitted.decisions + always.decisions)

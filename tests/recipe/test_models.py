@@ -141,7 +141,7 @@ def test_head_of_the_same_size_is_kept(timm_hub_folder, tiny_timm_model):
 def load_logs(caplog, monkeypatch):
     """The log records of a test, transformers' included (its loggers do not propagate to the root by default)."""
     monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         yield caplog
 
 
