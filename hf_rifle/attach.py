@@ -216,11 +216,16 @@ class RifleHandle:
         return decision is not None and not decision.redrawn
 
     def _backbone_lr(self, head_group: dict) -> float:
-        """The learning rate the backbone gets now: the head's own group's where it shares one, else the first
-        group without the head."""
+        """The learning rate `head_group` gets on the backbone's schedule now: the group's own where the head shares
+        one with the backbone; for a head group of its own, the first backbone group's, scaled by the ratio of their
+        peaks (`initial_lr`) where a loop gave the head another peak (RifleTrainer's groups share one)."""
         if not head_group.get(HEAD_GROUP_KEY):
             return head_group["lr"]
-        return next(g["lr"] for g in self._optimizer.param_groups if not g.get(HEAD_GROUP_KEY))
+        backbone = next(g for g in self._optimizer.param_groups if not g.get(HEAD_GROUP_KEY))
+        head_peak, backbone_peak = head_group.get("initial_lr"), backbone.get("initial_lr")
+        if head_peak is None or backbone_peak in (None, 0) or head_peak == backbone_peak:
+            return backbone["lr"]
+        return head_peak * backbone["lr"] / backbone_peak
 
     def _decide(self, step: int) -> FitDecision:
         """The planned re-init's decision, recorded in the saved state."""

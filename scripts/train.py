@@ -5,7 +5,7 @@ python scripts/train.py --dataset_name ethz/food101 --samples_per_class 30 --out
 accelerate launch --num_processes 4 scripts/train.py --dataset_name ... # data-parallel on 4 GPUs
 """
 
-from hf_rifle.recipe import main
+from hf_rifle.recipe import cli
 
 if __name__ == "__main__":
-    main()
+    cli()  # main() with user errors said in one line and an exit code (hf_rifle.recipe.errors)

@@ -42,6 +42,7 @@ from .data import (
     load_splits,
 )
 from .demo import DEMO_BASE_MODEL, load_demo_splits, materialize_demo_checkpoint
+from .errors import EXIT_CODES_HELP, user_errors_reported
 from .images import ImageRifleTrainer, default_cache_root, is_convolutional
 from .metrics import compute_classification_metrics
 from .models import (
@@ -210,23 +211,32 @@ def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtensi
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, *(e.arguments for e in extensions), RifleConfig), epilog=DEMO_HELP
+        (ModelArguments, DataArguments, *(e.arguments for e in extensions), RifleConfig),
+        epilog=f"{DEMO_HELP}. {EXIT_CODES_HELP}",
     )
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        if not Path(argv[0]).is_file():
+            raise FileNotFoundError(
+                f"The config file {argv[0]} does not exist. Pass the path of a JSON or YAML file of hf-rifle-train's "
+                "arguments, or the arguments as flags (`hf-rifle-train --help` lists them)."
+            )
         settings = yaml.safe_load(Path(argv[0]).read_text())  # YAML reads JSON too
-        parsed = parser.parse_dict(
-            {**defaults_for(demo=not any(settings.get(key) for key in DATA_SOURCES)), **settings}
-        )
+        with settings_checked():
+            parsed = parser.parse_dict(
+                {**defaults_for(demo=not any(settings.get(key) for key in DATA_SOURCES)), **settings}
+            )
     else:
         named = {arg.split("=")[0].removeprefix("--") for arg in argv if arg.startswith("-")}
         asks_for_help = bool(named & {"help", "-h"})
         parser.set_defaults(
             **defaults_for(demo=not asks_for_help and ("demo" in named or not named & set(DATA_SOURCES)))
         )
-        *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        with settings_checked():
+            *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
         if started := started_settings(parsed, named, extensions):  # a resumed run keeps what it started with
             parser.set_defaults(**started)
-            *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+            with settings_checked():
+                *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
         if unknown:
             raise ValueError(
                 f"Unknown arguments for hf-rifle-train: {' '.join(unknown)}. `hf-rifle-train --help` lists the "
@@ -239,6 +249,17 @@ def parse_args(argv: list[str] | None = None, extensions: Sequence[RecipeExtensi
     return RecipeArguments(
         model_args, data_args, args, {e.name: settings for e, settings in zip(extensions, extension_settings)}
     )
+
+
+@contextmanager
+def settings_checked():
+    """Around building the arguments' dataclasses, whose `__post_init__` checks their fields: a ValueError there is
+    about the arguments, also where `TrainingArguments` raises it in transformers' code, so it is re-raised from here,
+    as one of hf_rifle's user errors (`hf_rifle.recipe.errors`: one line and exit code 2, no traceback)."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(str(error)) from error
 
 
 def started_settings(parsed: list, named: set[str], extensions: Sequence[RecipeExtension] = ()) -> dict:
@@ -616,8 +637,11 @@ def skipped_images_settings(skipped_log) -> list[tuple[str, str]]:
 
 
 def cli() -> None:
-    """Console entry point (`hf-rifle-train`): a returned dict would become the exit status."""
-    main()
+    """Console entry point (`hf-rifle-train`, `scripts/train.py`): a user error ends in one line on stderr and a
+    documented exit code, a bug in its traceback (`hf_rifle.recipe.errors`). Returns None: a returned dict would
+    become the exit status."""
+    with user_errors_reported("hf-rifle-train"):
+        main()
 
 
 def summary(metrics: dict[str, float], trainer) -> str:

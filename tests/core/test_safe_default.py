@@ -136,3 +136,25 @@ def test_only_a_head_rifle_redrew_gets_the_cyclic_cosine():
         optimizer.step()
         optimizer.zero_grad()
     assert [d.redrawn for d in rifle.decisions] == [True, True]
+
+
+def test_a_head_group_of_its_own_keeps_its_own_peak_on_the_backbones_schedule():
+    """A loop that gives the head 10x the backbone's learning rate in a group of its own ({"rifle_head": True}): a
+    head RIFLE did not draw follows the backbone's schedule at its own peak, as it would without RIFLE."""
+    model = TinyClassifier()
+    head = [p for name, p in model.named_parameters() if name.startswith("fc")]
+    body = [p for name, p in model.named_parameters() if not name.startswith("fc")]
+    optimizer = torch.optim.SGD(
+        [{"params": body, "lr": 0.01}, {"params": head, "lr": 0.1, "rifle_head": True}], lr=0.01, momentum=0.9
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=MAX_STEPS)
+    rifle = attach(model, optimizer, MAX_STEPS)
+    for step in range(MAX_STEPS):
+        inputs, labels = fit_batch(step, 0.0)
+        nn.functional.cross_entropy(model(inputs), labels).backward()
+        backbone_lr, head_lr = (group["lr"] for group in optimizer.param_groups)
+        assert head_lr == pytest.approx(10 * backbone_lr, rel=1e-12) and rifle.head_learning_rate == head_lr
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert [d.redrawn for d in rifle.decisions] == [False, False]
