@@ -123,6 +123,7 @@ def test_non_finite_loss_stops_with_step_period_and_learning_rates(tmp_path):
         per_device_train_batch_size=4,
         max_steps=9,
         num_periods=3,
+        reinit_when="always",  # the paper's schedule: the head on its own cosine from step 0, 0.025 at step 2
         learning_rate=0.1,
         report_to="none",
         use_cpu=True,
