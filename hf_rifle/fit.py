@@ -33,7 +33,7 @@ REINIT_WHEN = ("always", "fitted")
 # The safe form (issue 30, docs/benchmarks.md): "always", the paper's schedule, lost up to 31 points where heads had
 # not fit; "fitted" was at least as good in every cell measured. CHANGELOG.md says how to get the paper's schedule.
 DEFAULT_REINIT_WHEN = "fitted"
-# What a saved RIFLE state that does not record its schedule was started with: the default before 0.2.0.
+# What a saved RIFLE state that does not record its schedule was started with: the default up to 0.1.0.
 UNRECORDED_REINIT_WHEN = "always"
 # The share of each period, at its end, over which the statistic is averaged (at least one optimizer step).
 FIT_WINDOW_FRACTION = 0.1
