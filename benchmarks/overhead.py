@@ -283,6 +283,7 @@ def build_trainer(variant: str, model, dataset, settings, device: str, recorder:
         args = RifleConfig(
             **shared,
             num_periods=settings.num_periods,
+            reinit_when="always",  # the paper's schedule: every planned re-init (and its cost) happens
             regularizer="l2sp",
             l2sp_alpha=L2SP_STRENGTH,
             l2sp_beta=L2SP_STRENGTH,
@@ -299,10 +300,14 @@ def build_trainer(variant: str, model, dataset, settings, device: str, recorder:
 
 
 def full_method_callback(regularizer: str, settings) -> RifleTrainerCallback:
-    """The callback as a user plugs it into a plain Trainer: its defaults (re-init, cyclic head learning rate by
-    rescaling the head's update) with the benchmark's K and L2-SP strengths."""
+    """The callback as a user plugs it into a plain Trainer (re-init, cyclic head learning rate by rescaling the
+    head's update) with the benchmark's K and L2-SP strengths, on the paper's schedule: every re-init happens."""
     return RifleTrainerCallback(
-        num_periods=settings.num_periods, regularizer=regularizer, l2sp_alpha=L2SP_STRENGTH, l2sp_beta=L2SP_STRENGTH
+        num_periods=settings.num_periods,
+        reinit_when="always",
+        regularizer=regularizer,
+        l2sp_alpha=L2SP_STRENGTH,
+        l2sp_beta=L2SP_STRENGTH,
     )
 
 

@@ -105,10 +105,11 @@ def run(variant: str, seed: int, settings: argparse.Namespace, output_dir: str) 
         compute_metrics=compute_classification_metrics,
         callbacks=[SetEpochCallback(train)],
     )
+    method = dict(num_periods=settings.num_periods, reinit_when="always")  # the paper's schedule, as recorded
     if variant == "rifle_trainer":
-        trainer = RifleTrainer(args=RifleConfig(**training, num_periods=settings.num_periods), **common)
+        trainer = RifleTrainer(args=RifleConfig(**training, **method), **common)
     else:
-        callbacks = [RifleTrainerCallback(num_periods=settings.num_periods)] if variant == "trainer_callback" else []
+        callbacks = [RifleTrainerCallback(**method)] if variant == "trainer_callback" else []
         common["callbacks"] += callbacks
         trainer = Trainer(args=TrainingArguments(**training), **common)
     trainer.train()

@@ -213,7 +213,7 @@ def accuracy(args) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         scripts = {
             "original": Path(args.peer_script),
-            "rifle": patched_script(Path(folder) / "rifle", Path(args.peer_script)),
+            "rifle": patched_script(Path(folder) / "rifle", Path(args.peer_script), reinit_when="always"),
             "rifle_fitted": patched_script(Path(folder) / "fitted", Path(args.peer_script), reinit_when="fitted"),
         }
         for seed, method in missing:
@@ -291,7 +291,7 @@ class PlainLoop:
             with self.clock.patch():
                 attach(self.model, self.optimizer, max_steps, num_periods=settings.num_periods,
                        regularizer=variant.removeprefix("attach_"), l2sp_alpha=L2SP_STRENGTH, l2sp_beta=L2SP_STRENGTH,
-                       seed=settings.seed)  # fmt: skip
+                       seed=settings.seed, reinit_when="always")  # fmt: skip
 
     def step(self, images, labels) -> tuple[float, float]:
         """One optimizer step as timm's loop takes it: its time, and the hooks' time within it."""

@@ -169,7 +169,7 @@ def no_trainer_runs(tmp_path_factory, image_folders) -> dict[str, Run]:
             *("--learning_rate", "0.01", "--seed", "3", "--output_dir", str(root / name / "output"), *extra),
         ]
 
-    script = patched_copy(root / "script", NO_TRAINER)
+    script = with_reinit_when(patched_copy(root / "script", NO_TRAINER), "always")  # the paper's schedule
     runs = finish(
         plain=start(PEER / NO_TRAINER, argv("plain"), root / "plain"),
         patched=start(script, argv("patched", "--checkpointing_steps", "epoch"), root / "patched"),
@@ -233,7 +233,7 @@ def timm_runs(tmp_path_factory, image_folders) -> dict[str, Run]:
             *("--output", str(root / name), "--experiment", "output", *extra),
         ]
 
-    script = patched_copy(root / "script", TIMM)
+    script = with_reinit_when(patched_copy(root / "script", TIMM), "always")  # the paper's schedule
     fitted = with_reinit_when(patched_copy(root / "fitted-script", TIMM), "fitted")
     runs = finish(
         plain=start(PEER / TIMM, argv("plain"), root / "plain"),
@@ -259,10 +259,14 @@ def with_reinit_when(script: Path, reinit_when: str) -> Path:
     return script
 
 
+ATTACH_CALL = re.compile(r"(hf_rifle\.attach\((?:[^()]|\([^()]*\))*)\)")
+
+
 def add_reinit_when(text: str, reinit_when: str) -> str:
-    attach_call = "seed=args.seed, num_train_epochs=args.epochs)"
-    assert text.count(attach_call) == 1
-    return text.replace(attach_call, attach_call[:-1] + f', reinit_when="{reinit_when}")')
+    """`text` with `reinit_when=...` as the last argument of its one `hf_rifle.attach(...)` call."""
+    changed, calls = ATTACH_CALL.subn(lambda call: f'{call.group(1)}, reinit_when="{reinit_when}")', text)
+    assert calls == 1
+    return changed
 
 
 @runs_scripts
