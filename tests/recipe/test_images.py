@@ -190,10 +190,11 @@ def test_a_leftover_staging_folder_is_removed_only_when_it_provably_belongs_to_a
 
 
 BUILDER = """
-import os, sys, time
+import logging, os, sys, time
 from pathlib import Path
 import datasets
 from hf_rifle.recipe import images
+logging.basicConfig(level=logging.INFO)  # a cache build is said at INFO
 images._host_name = lambda: os.environ["BUILDER_HOST"]  # two machines sharing the cache folder
 rows = datasets.load_from_disk(sys.argv[1])
 ready = Path(sys.argv[2], "ready-" + os.environ["BUILDER_HOST"])

@@ -35,6 +35,8 @@ def flags(output_dir, data_and_model, *extra):
         "3",
         "--num_train_epochs",
         "3",
+        "--reinit_when",  # the paper's schedule: the tiny heads never fit, and these runs must re-draw them
+        "always",
         *extra,
     )
 
