@@ -51,11 +51,12 @@ def test_fetch_once_then_train_offline_at_the_pinned_revision(tmp_path):
     never_fetched = run_recipe(
         offline, *recipe_flags(tmp_path / "other", *LATEST[:2], "--model_name_or_path", "hf-rifle-tests/tiny-timm")
     )
-    assert never_fetched.returncode != 0
+    assert never_fetched.returncode == 3  # data, model or Hub (README's exit codes)
     last_line = never_fetched.stderr.strip().splitlines()[-1]
     assert last_line.startswith(
-        "FileNotFoundError: model 'hf-rifle-tests/tiny-timm' at revision 'main' is not in the local cache, and "
+        "hf-rifle-train: error: model 'hf-rifle-tests/tiny-timm' at revision 'main' is not in the local cache, and "
         "HF_HUB_OFFLINE=1 is set"
     ), last_line
+    assert "Traceback" not in never_fetched.stderr
     assert "--prepare_only" in last_line
     assert not (tmp_path / "other").exists()
