@@ -102,10 +102,9 @@ def recipe_flags(output_dir, *extra) -> list[str]:
     ]
 
 
-def tiny_text_classifier(num_labels: int = 2) -> BertForSequenceClassification:
-    """A transformers text classifier small enough for a docstring example: BERT, 1 layer, 16 wide."""
-    torch.manual_seed(0)
-    config = BertConfig(
+def tiny_bert_config(num_labels: int = 2, **overrides) -> BertConfig:
+    """BERT, 1 layer, 16 wide: small enough for a docstring example."""
+    return BertConfig(
         vocab_size=32,
         hidden_size=16,
         num_hidden_layers=1,
@@ -113,8 +112,14 @@ def tiny_text_classifier(num_labels: int = 2) -> BertForSequenceClassification:
         intermediate_size=32,
         max_position_embeddings=16,
         num_labels=num_labels,
+        **overrides,
     )
-    return BertForSequenceClassification(config)
+
+
+def tiny_text_classifier(num_labels: int = 2) -> BertForSequenceClassification:
+    """A transformers text classifier small enough for a docstring example (`tiny_bert_config`)."""
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config(num_labels))
 
 
 def token_dataset(size: int = 16, length: int = 8, num_labels: int = 2, seed: int = 0) -> list[dict]:

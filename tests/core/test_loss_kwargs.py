@@ -3,13 +3,13 @@
 whole optimizer step), as on a plain Trainer."""
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from hf_rifle import RifleConfig, RifleTrainer, RifleTrainerCallback
 from hf_rifle.trainer import loss_ignores_items_in_batch
 
-from ..helpers import timm_wrapper_resnet, tiny_run_settings, token_dataset
+from ..helpers import timm_wrapper_resnet, tiny_bert_config, tiny_run_settings, token_dataset
 
 METHOD = dict(num_periods=2, regularizer="l2sp", l2sp_alpha=0.5, l2sp_beta=0.1)
 
@@ -29,18 +29,7 @@ class ItemNormalizedTextClassifier(BertForSequenceClassification):
 def text_classifier(cls=BertForSequenceClassification):
     """A 1-layer BERT without dropout in float64, so two runs differ only by how they scale the loss."""
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=32,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return cls(config).double()
+    return cls(tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).double()
 
 
 def settings(output_dir, **overrides):
