@@ -192,6 +192,7 @@ def test_gradient_accumulation_redraws_the_head_once_per_period(caplog):
     assert_same_weights(accelerate_model, model)
 
 
+@pytest.mark.slow  # 11 s: compiling
 def test_under_torch_compile_the_forward_hook_redraws_the_head_without_recompiling(caplog):
     torch._dynamo.reset()
     counters.clear()

@@ -22,6 +22,7 @@ class GraphCounts(TrainerCallback):
         self.after_step.append(counters["stats"]["unique_graphs"])
 
 
+@pytest.mark.slow  # 11 to 14 s each: compiling
 @pytest.mark.parametrize("path", ["rifle_trainer", "trainer_callback"])
 def test_torch_compile_compiles_once_and_not_again_after_the_head_is_reinitialized(tmp_path, path):
     torch._dynamo.reset()

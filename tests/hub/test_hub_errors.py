@@ -33,6 +33,7 @@ def assert_one_clear_error(error: dict, *named: str) -> None:
     assert "httpx" not in error["traceback"], error["traceback"]  # not a traceback into the HTTP client
 
 
+@pytest.mark.slow  # 26 s: one recipe process per bad case
 def test_missing_repositories_revisions_splits_and_configurations(loopback_hub, tmp_path):
     hub, _ = loopback_hub
     cases = {
