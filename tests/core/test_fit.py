@@ -19,12 +19,12 @@ from ..helpers import TinyClassifier, fit_batch, learnable_then_random
 MAX_STEPS = 30  # K = 3: planned re-inits at steps 10 and 20
 
 
-def run(reinit_when: str, signal, steps=range(MAX_STEPS), state=None):
-    """Train from scratch, or from `state` (model and optimizer state dicts, attach called before loading them).
-    `signal`: `fit_batch`'s, or a function of the step giving it."""
+def run(reinit_when: str | None, signal, steps=range(MAX_STEPS), state=None):
+    """Train from scratch, or from `state` (model and optimizer state dicts, attach called before loading them);
+    `reinit_when=None`: plain fine-tuning, never attached. `signal`: `fit_batch`'s, or a function of the step."""
     model = TinyClassifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    rifle = attach(model, optimizer, MAX_STEPS, reinit_when=reinit_when)
+    rifle = attach(model, optimizer, MAX_STEPS, reinit_when=reinit_when) if reinit_when else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
