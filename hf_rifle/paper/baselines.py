@@ -19,10 +19,14 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, drop_path
 from torch import nn
+from transformers import TrainerCallback
 
 from ..config import RifleConfig
 from ..heads import find_head
 from ..recipe import RecipeExtension
+from ..recipe.images import normalize_pixels
+from .freeze_then_unfreeze import FreezeThenUnfreeze
+from .linear_probe import probe_and_load_
 from .stages import residual_stages
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,15 +343,40 @@ class BaselineArguments:
             "(paper grid 0.05, 0.1, 0.2); 0 = off."
         },
     )
+    linear_probe_head: bool = field(
+        default=False,
+        metadata={
+            "help": "LP-FT: start fine-tuning from a linear probe fit on the frozen backbone's features of the "
+            "training split, its regularization chosen on the validation split."
+        },
+    )
+    frozen_epochs: int = field(
+        default=0,
+        metadata={"help": "Freeze-then-unfreeze: train only the head for this many first epochs (fastai: 1); 0 = off."},
+    )
+    body_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "The body's (every non-head layer's) learning rate as a fraction of the head's (fastai's "
+            "fine_tune: 1/100); 1 = off."
+        },
+    )
 
     def __post_init__(self):
-        for spec in fields(self):
-            _check_probability(spec.name, getattr(self, spec.name))
+        for name in PROBABILITY_SETTINGS:
+            _check_probability(name, getattr(self, name))
+        if isinstance(self.frozen_epochs, bool) or not isinstance(self.frozen_epochs, int) or self.frozen_epochs < 0:
+            raise ValueError(f"frozen_epochs must be a whole number of epochs >= 0, got {self.frozen_epochs!r}.")
+        if not (math.isfinite(self.body_lr_ratio) and self.body_lr_ratio > 0):
+            raise ValueError(f"body_lr_ratio must be a positive fraction, got {self.body_lr_ratio!r} (1 = off).")
 
     @property
     def enabled(self) -> list[str]:
-        """Names of the baselines switched on."""
-        return [spec.name for spec in fields(self) if getattr(self, spec.name) > 0]
+        """Names of the baselines switched on (settings away from their default)."""
+        return [spec.name for spec in fields(self) if getattr(self, spec.name) != spec.default]
+
+
+PROBABILITY_SETTINGS = ("fc_dropout", "fc_dropconnect", "cnn_dropout", "stochastic_depth", "disturb_label")
 
 
 def apply_baselines_(model: nn.Module, baseline_args: BaselineArguments, head_module: str | None = None) -> None:
@@ -372,8 +401,51 @@ def wrap_collator(collator, baseline_args: BaselineArguments, num_classes: int, 
     return DisturbLabelCollator(collator, baseline_args.disturb_label, num_classes, seed)
 
 
+def prepare_training_stages_(trainer, baseline_args: BaselineArguments, evaluation_inputs: dict, resuming: bool):
+    """The head-first methods on a built recipe trainer: LP-FT's probe loaded into the head (not when resuming: the
+    checkpoint holds the head), and freeze-then-unfreeze's callback."""
+    head_module = trainer.args.head_module
+    if baseline_args.linear_probe_head and not resuming:
+        probe = probe_and_load_(
+            trainer.model,
+            _normalized_batches(trainer, evaluation_inputs["train"]),
+            _normalized_batches(trainer, evaluation_inputs["validation"]),
+            head_module,
+        )
+        trainer.add_callback(RecordAtTrainBegin(probe.log_entry()))
+    if baseline_args.frozen_epochs or baseline_args.body_lr_ratio != 1.0:
+        trainer.add_callback(FreezeThenUnfreeze(baseline_args.frozen_epochs, baseline_args.body_lr_ratio, head_module))
+
+
+def _normalized_batches(trainer, dataset):
+    """(model inputs, labels) of `dataset` in evaluation batches, normalized on the device as the recipe's trainer
+    does for every batch it feeds the model."""
+    for batch in trainer.get_eval_dataloader(dataset):
+        pixels = batch["pixel_values"].to(trainer.args.device)
+        pixels = normalize_pixels(pixels, trainer.pixel_mean, trainer.pixel_std, channels_last=trainer.channels_last)
+        yield {"pixel_values": pixels}, batch["labels"]
+
+
+class RecordAtTrainBegin(TrainerCallback):
+    """Puts `entry` in the run's log history at train begin (Trainer starts a new history there), so it is saved in
+    `trainer_state.json` and in every checkpoint."""
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            state.log_history.append({**self.entry, "step": 0})
+
+
+def _card_settings(baseline_args: BaselineArguments) -> list[tuple[str, str]]:
+    enabled = baseline_args.enabled
+    return [("paper-kit baselines", ", ".join(f"{n}={getattr(baseline_args, n)}" for n in enabled))] if enabled else []
+
+
 # The baselines as an extension of the training recipe: their flags, the model-side ones applied to the loaded
-# model, DisturbLabel on the training batches. The sweeps run the recipe with it.
+# model, DisturbLabel on the training batches, LP-FT's probe and freeze-then-unfreeze on the built trainer. The
+# sweeps run the recipe with it.
 BASELINES = RecipeExtension(
     name="baselines",
     arguments=BaselineArguments,
@@ -381,6 +453,8 @@ BASELINES = RecipeExtension(
     wrap_train_collator=lambda collator, baseline_args, num_labels, args: wrap_collator(
         collator, baseline_args, num_labels, args.seed
     ),
+    prepare_trainer=prepare_training_stages_,
+    card_settings=_card_settings,
 )
 
 
@@ -408,6 +482,9 @@ METHODS: dict[str, dict[str, dict]] = {
     "rifle_a": _method({"head_lr_schedule": "trainer", "reinit_when": "always"}),
     "rifle_b": _method({"reinit_head": False}),
     "rifle_fitted": _method({"reinit_when": "fitted"}),  # hf_rifle's default, not the paper's
+    # What users pick instead of RIFLE, each on plain fine-tuning: see linear_probe.py and freeze_then_unfreeze.py.
+    "lp_ft": _method(linear_probe_head=True),
+    "freeze_then_unfreeze": _method(frozen_epochs=1, body_lr_ratio=0.01),
 }
 
 # The paper's search grid per method (Section 4.2): {setting: values}, to pass to `method_flags` as overrides.

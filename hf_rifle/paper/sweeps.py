@@ -60,6 +60,8 @@ METHOD_TITLES = {
     "rifle_a": "RIFLE-A",
     "rifle_b": "RIFLE-B",
     "rifle_fitted": "RIFLE (fitted)",
+    "lp_ft": "LP-FT",
+    "freeze_then_unfreeze": "Freeze-unfreeze",
 }
 REGULARIZER_TITLES = {"l2": "L2", "l2sp": "L2-SP"}
 RECIPE_FLAGS_HELP = (
@@ -142,9 +144,19 @@ def run_sweep(sweep: SweepArguments, recipe_flags: list[str]) -> list[dict]:
                         "accuracy": metrics.get("test_accuracy", metrics["eval_accuracy"]),
                         "split": "test" if "test_accuracy" in metrics else "validation",
                         "machine": json.loads(machine_file.read_text()) if machine_file.is_file() else None,
+                        "seconds": run_seconds(folder, metrics),
                     }
                 )
     return results
+
+
+def run_seconds(folder: Path, metrics: dict) -> float:
+    """What a run cost in wall-clock seconds: its training (Trainer's `train_runtime`, evaluations included) and
+    what ran before it (LP-FT's probe fit, recorded in the run's log history)."""
+    state_file = folder / "trainer_state.json"
+    history = json.loads(state_file.read_text())["log_history"] if state_file.is_file() else []
+    before = sum(entry.get("linear_probe_seconds", 0.0) for entry in history)
+    return metrics["train_runtime"] + before
 
 
 def machine_description() -> dict:
@@ -209,16 +221,17 @@ def markdown_table(summary: list[dict], dataset_label: str, split: str) -> str:
     lines = []
     for regularizer in dict.fromkeys(row["regularizer"] for row in summary):
         rows = {row["method"]: row for row in summary if row["regularizer"] == regularizer}
+        methods_run = [m for m in methods if m in rows]
         lines += [
             f"**Algorithmic regularizers + {REGULARIZER_TITLES[regularizer]}** (top-1 {split} accuracy, %, "
             f"mean ± std over {rows['original']['seeds']} seeds; second row: paired difference to Original, 95% CI)",
             "",
-            "| Dataset | " + " | ".join(METHOD_TITLES[m] for m in methods) + " |",
-            "|---" * (len(methods) + 1) + "|",
+            "| Dataset | " + " | ".join(METHOD_TITLES[m] for m in methods_run) + " |",
+            "|---" * (len(methods_run) + 1) + "|",
             f"| {dataset_label} | "
-            + " | ".join(f"{100 * rows[m]['mean']:.2f} ± {100 * rows[m]['std']:.2f}" for m in methods)
+            + " | ".join(f"{100 * rows[m]['mean']:.2f} ± {100 * rows[m]['std']:.2f}" for m in methods_run)
             + " |",
-            "| Δ vs Original | " + " | ".join(_difference_cell(rows[m]) for m in methods) + " |",
+            "| Δ vs Original | " + " | ".join(_difference_cell(rows[m]) for m in methods_run) + " |",
             "",
         ]
     return "\n".join(lines)

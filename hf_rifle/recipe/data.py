@@ -7,6 +7,7 @@ column is a `ClassLabel`. The rest of the recipe then treats all sources alike.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from transformers import TrainerCallback
 
 from ..callback import add_to_training_log_, run_before_reporting_callbacks
 from ..hub import is_hub_id
-from .images import CachedImages, PrepareImage, RandomCropAndFlip, cached_images
+from .images import CachedImages, CenterCrop, PrepareImage, RandomCropAndFlip, cached_images
 from .sources import HubSource, cached_snapshot, hub_errors_explained, where
 
 logger = logging.getLogger(__name__)
@@ -661,6 +662,15 @@ class TransformedSplit(torch.utils.data.Dataset):
                     raise OSError(_unreadable_row_message(self.name, index, error)) from error
                 return self._skip(index, encoded.get("path"), error)
         return {"pixel_values": self.augment(image) if self.augment else image, "labels": self.labels[index]}
+
+    def center_cropped(self, crop_size: int) -> TransformedSplit:
+        """This split as evaluation sees it: the center `crop_size` square of each prepared image, no augmentation
+        (for the training split, whose prepared images are only resized)."""
+        if self.prepare.center_crop:
+            return self
+        view = copy.copy(self)
+        view.augment = CenterCrop(crop_size)
+        return view
 
     def _skip(self, index: int, file: str | None, error) -> None:
         with open(self.skipped_log, "a") as log:  # one short append per row: whole lines from any worker

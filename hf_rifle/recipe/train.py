@@ -186,12 +186,19 @@ class RecipeExtension:
         prepare_model: `prepare_model(model, settings, args)`, run on the loaded model before training.
         wrap_train_collator: `wrap_train_collator(collator, settings, num_labels, args)` returns the collator
             of training batches only; evaluation keeps the plain one.
+        prepare_trainer: `prepare_trainer(trainer, settings, evaluation_inputs, resuming)`, run on the built
+            trainer before training: it may add callbacks, or change the model (when not `resuming`: a resumed
+            run's weights come from its checkpoint). `evaluation_inputs` are the splits as evaluation sees them,
+            the training split's images center-cropped instead of augmented.
+        card_settings: `card_settings(settings)`, (name, value) rows for the model card's settings table.
     """
 
     name: str
     arguments: type
     prepare_model: Callable[[torch.nn.Module, Any, RifleConfig], None] | None = None
     wrap_train_collator: Callable[[Callable, Any, int, RifleConfig], Callable] | None = None
+    prepare_trainer: Callable[[Any, Any, dict, bool], None] | None = None
+    card_settings: Callable[[Any], list[tuple[str, str]]] | None = None
 
 
 @dataclass
@@ -547,6 +554,10 @@ def train_evaluate_save(
     if skipped_log is not None:
         trainer.add_callback(SkippedImagesCallback(skipped_log))
     trainer.add_callback(RecordRunConfig(record))
+    evaluation_inputs = {**inputs, "train": inputs["train"].center_cropped(data_args.crop_size)}
+    for extension in extensions:
+        if extension.prepare_trainer:
+            extension.prepare_trainer(trainer, run.extensions[extension.name], evaluation_inputs, bool(last_checkpoint))
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     # 4. Evaluate on validation, and on the held-out test split when the dataset has one
@@ -561,7 +572,11 @@ def train_evaluate_save(
         finetuned_from=model_args.model_name_or_path or (DEMO_BASE_MODEL if data_args.demo else DEFAULT_MODEL),
         dataset=data_args.dataset_name or data_args.train_dir or f"{data_args.demo_source} digits (offline demo)",
         dataset_args=data_args.dataset_config_name,
-        extra_settings=[*skipped_images_settings(skipped_log), *revisions],
+        extra_settings=[
+            *skipped_images_settings(skipped_log),
+            *revisions,
+            *(row for e in extensions if e.card_settings for row in e.card_settings(run.extensions[e.name])),
+        ],
     )
     with full_disk_explained(
         args.output_dir, "the final model, metrics and model card", lambda: tensor_bytes(trainer.model.state_dict())

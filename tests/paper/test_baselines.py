@@ -360,6 +360,8 @@ def test_every_method_parses_from_its_flags_into_its_settings(tmp_path):
         "rifle_a",
         "rifle_b",
         "rifle_fitted",
+        "lp_ft",
+        "freeze_then_unfreeze",
     ]
     assert method_flags("dropout") == ["--no_reinit_head", "--head_lr_schedule", "trainer", "--fc_dropout", "0.2"]
     parser = HfArgumentParser((RifleConfig, BaselineArguments))
@@ -368,7 +370,7 @@ def test_every_method_parses_from_its_flags_into_its_settings(tmp_path):
         config, baselines = parser.parse_args_into_dataclasses(common + method_flags(name))
         for key, value in method["rifle"].items():
             assert getattr(config, key) == value, (name, key)
-        assert {k: v for k, v in vars(baselines).items() if v} == method["baselines"], name
+        assert {k: getattr(baselines, k) for k in baselines.enabled} == method["baselines"], name
     config, _ = parser.parse_args_into_dataclasses(
         common + method_flags("cyclic_lr", lr_scheduler_kwargs={"num_cycles": 4})
     )
@@ -445,6 +447,11 @@ def test_paper_baselines_extend_the_recipe(tmp_path):
         "cnn_dropout": 0.0,
         "stochastic_depth": 0.5,
         "disturb_label": 0.1,
+        "linear_probe_head": False,
+        "frozen_epochs": 0,
+        "body_lr_ratio": 1.0,
     }
     assert config["training"]["reinit_head"] is False
-    assert "this run\nis the plain fine-tuning baseline" in (tmp_path / "run" / "README.md").read_text()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "this run\nis the plain fine-tuning baseline" in card
+    assert "| paper-kit baselines | fc_dropout=0.2, stochastic_depth=0.5, disturb_label=0.1 |" in card

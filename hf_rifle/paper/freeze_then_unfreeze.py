@@ -1,0 +1,99 @@
+"""Freeze-then-unfreeze (fastai's `Learner.fine_tune`): train only the new head for a first epoch, then every
+layer, the body at a much lower learning rate than the head.
+
+fastai's defaults: one frozen epoch, then the body at 1/100 of the head's learning rate (`lr_mult=100`, from a
+`slice(base_lr / lr_mult, base_lr)` over its body and head groups). Adapted to the runs it is compared with here:
+the run's SGD and its one cosine schedule over all epochs set the head's learning rate, and the body's is that
+times `body_lr_ratio` (0.01) throughout; fastai's Adam, its two one-cycle schedules (restarted at the unfreeze)
+and its halving of the base rate at the unfreeze are not taken over. While frozen, the body's parameters take no
+gradient and its BatchNorm layers keep their running statistics (fastai trains BatchNorm in a frozen body, its
+`train_bn=True`), so the body is bit for bit the pretrained one until the unfreeze.
+"""
+
+import math
+
+from torch import nn
+from transformers import TrainerCallback
+
+from ..heads import find_head
+from ..optim import HEAD_GROUP_KEY, base_optimizer
+from ..regularizers import split_backbone_and_head
+
+BODY_LR_RATIO_KEY = "body_lr_ratio"  # marks body param groups already scaled, in the optimizer's saved state
+
+
+def frozen_steps(max_steps: int, num_train_epochs: float, frozen_epochs: float) -> int:
+    """Optimizer steps of the frozen phase: the first `frozen_epochs` of `num_train_epochs`, rounded up."""
+    return math.ceil(max_steps * frozen_epochs / num_train_epochs)
+
+
+def scale_body_learning_rates_(optimizer, scheduler, ratio: float) -> None:
+    """Multiply the peak learning rate of every body (non-head) param group by `ratio`, in the optimizer and in its
+    LR scheduler, once: groups are marked, and a run resumed from a checkpoint loads them marked."""
+    groups = base_optimizer(optimizer).param_groups
+    if not any(group.get(HEAD_GROUP_KEY) for group in groups):
+        raise ValueError(
+            "A body learning-rate ratio needs the head in param groups of its own (RifleTrainer makes them)."
+        )
+    for index, group in enumerate(groups):
+        if group.get(HEAD_GROUP_KEY) or BODY_LR_RATIO_KEY in group:
+            continue
+        group[BODY_LR_RATIO_KEY] = ratio
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+        if scheduler is not None:
+            scheduler.base_lrs[index] *= ratio
+            scheduler._last_lr = [g["lr"] for g in groups]
+
+
+class FreezeThenUnfreeze(TrainerCallback):
+    """Freezes the body for the first `frozen_epochs` (no gradient, BatchNorm statistics kept), then trains it at
+    `body_lr_ratio` times the head's learning rate. Decided from the optimizer step, so a resumed run freezes or
+    not as the uninterrupted one did. One process only: DDP cannot follow parameters that start taking gradients
+    mid-run."""
+
+    def __init__(self, frozen_epochs: float = 1, body_lr_ratio: float = 0.01, head_module: str | None = None):
+        self.frozen_epochs, self.body_lr_ratio, self.head_module = frozen_epochs, body_lr_ratio, head_module
+        self._body_params, self._body_norms, self._frozen_until, self._frozen, self._hook = [], [], 0, False, None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if args.world_size > 1 and self.frozen_epochs > 0:
+            raise ValueError(
+                "freeze_then_unfreeze runs on one process: DDP cannot follow a body that starts taking gradients "
+                "mid-run. Run it without torchrun/accelerate launch."
+            )
+        _, head = find_head(model, self.head_module)
+        self._body_params = split_backbone_and_head(model, head)[0]
+        head_modules = set(head.modules())
+        self._body_norms = [
+            module
+            for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase)
+            and module.track_running_stats
+            and module not in head_modules
+        ]
+        self._hook = model.register_forward_pre_hook(self._keep_frozen_norms_in_eval_mode)
+        self._frozen_until = frozen_steps(state.max_steps, args.num_train_epochs, self.frozen_epochs)
+        if self.body_lr_ratio != 1.0:
+            scale_body_learning_rates_(optimizer, lr_scheduler, self.body_lr_ratio)
+        self._set_frozen(state.global_step < self._frozen_until)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._set_frozen(state.global_step < self._frozen_until)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._set_frozen(False)
+        self._hook.remove()
+
+    def _set_frozen(self, frozen: bool) -> None:
+        if frozen != self._frozen:
+            for param in self._body_params:
+                param.requires_grad_(not frozen)
+            self._frozen = frozen
+
+    def _keep_frozen_norms_in_eval_mode(self, module, args):
+        """Trainer puts the model in training mode at every step; while frozen, the body's norms go back to eval."""
+        if self._frozen:
+            for norm in self._body_norms:
+                norm.eval()
