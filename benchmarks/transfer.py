@@ -53,6 +53,12 @@ def main(argv=None):
         "--epochs", type=int, default=40, help="the paper's 40: shorter runs leave RIFLE's head unconverged"
     )
     parser.add_argument("--resolution", type=int, default=56, help="Crop size; images are resized to 8/7 of it.")
+    parser.add_argument(
+        "--no_epoch_eval",
+        action="store_true",
+        help="Skip the validation after every epoch (Figure 1's curves): the same weights and accuracies bit for "
+        "bit (checked on Animal-MNIST, seed 1), a quarter less time per run.",
+    )
     parser.add_argument("--runs_dir", default="outputs/transfer")
     parser.add_argument(
         "--rerun", action="store_true", help="Run the given seeds and regularizers again, replacing their rows."
@@ -65,6 +71,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     recipe = recipe_flags(args.epochs, args.num_periods, args.resolution)
+    if args.no_epoch_eval:
+        recipe += ["--eval_strategy", "no"]
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": sweeps.machine_description(),

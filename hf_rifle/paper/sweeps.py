@@ -151,12 +151,14 @@ def run_sweep(sweep: SweepArguments, recipe_flags: list[str]) -> list[dict]:
 
 
 def run_seconds(folder: Path, metrics: dict) -> float:
-    """What a run cost in wall-clock seconds: its training (Trainer's `train_runtime`, evaluations included) and
-    what ran before it (LP-FT's probe fit, recorded in the run's log history)."""
+    """What the method cost in wall-clock seconds: its training (Trainer's `train_runtime` less the evaluations
+    during it, which not every sweep runs) and what ran before it (LP-FT's probe fit, in the run's log history)."""
     state_file = folder / "trainer_state.json"
     history = json.loads(state_file.read_text())["log_history"] if state_file.is_file() else []
     before = sum(entry.get("linear_probe_seconds", 0.0) for entry in history)
-    return metrics["train_runtime"] + before
+    end = next((i for i, entry in enumerate(history) if "train_runtime" in entry), len(history))
+    evaluations = sum(entry.get("eval_runtime", 0.0) for entry in history[:end])  # later ones ran after training
+    return metrics["train_runtime"] - evaluations + before
 
 
 def machine_description() -> dict:

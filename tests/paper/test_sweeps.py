@@ -98,3 +98,18 @@ def test_sweep_help_lists_the_baselines_flags_of_its_runs(capsys):
     help_text = capsys.readouterr().out
     assert all(f"--{flag}" in help_text for flag in ("fc_dropout", "fc_dropconnect", "cnn_dropout", "disturb_label"))
     assert "--num_periods" in help_text and "--train_dir" in help_text
+
+
+def test_a_run_costs_its_training_less_in_training_evaluations_plus_the_probe_fit(tmp_path):
+    from hf_rifle.paper.sweeps import run_seconds
+
+    history = [
+        {"linear_probe_seconds": 7.0, "step": 0},
+        {"eval_runtime": 2.0, "step": 5},
+        {"eval_runtime": 3.0, "step": 10},
+        {"train_runtime": 100.0, "step": 10},
+        {"eval_runtime": 4.0, "step": 10},  # the final evaluations run after training: not in train_runtime
+        {"test_runtime": 9.0, "step": 10},
+    ]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert run_seconds(tmp_path, {"train_runtime": 100.0}) == 100.0 - 5.0 + 7.0
