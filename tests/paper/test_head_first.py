@@ -144,6 +144,7 @@ def test_a_binary_probe_is_a_two_output_head_with_the_same_decisions():
         fit_linear_probe(features, labels, features, labels, num_classes=3)
 
 
+@pytest.mark.slow  # two recipe runs
 def test_lp_ft_fine_tunes_from_the_probe_head_which_classifies_the_training_split(colour_runs, tmp_path):
     snapshots = Snapshots()
     main(colour_runs.flags(tmp_path / "lp_ft", "lp_ft"), callbacks=[snapshots], extensions=[BASELINES])
@@ -198,6 +199,7 @@ def test_freeze_then_unfreeze_keeps_the_body_bit_for_bit_through_epoch_one_then_
     assert len(snapshots.rates) == 3 * steps_per_epoch == 12
 
 
+@pytest.mark.slow  # three recipe runs each
 @pytest.mark.parametrize("method", ["freeze_then_unfreeze", "lp_ft"])
 def test_a_resumed_head_first_run_ends_on_the_uninterrupted_weights(colour_runs, tmp_path, method):
     """Resumed mid-way through its frozen epoch (or after LP-FT's probe), the run freezes, scales and probes exactly
