@@ -48,12 +48,13 @@ def main(argv=None):
 
 
 def comparison_table(domain: str, regularizer: str, runs: list[dict]) -> str:
-    """One cell's table, over the seeds on which every method that ran has a result ('' when plain did not run)."""
+    """One cell's table, over the seeds on which every method that ran has a result ('' unless plain and an
+    alternative to RIFLE ran)."""
     by_method = {}
     for run in runs:
         if run["regularizer"] == regularizer and run["method"] in METHODS:
             by_method.setdefault(run["method"], {})[run["seed"]] = run
-    if "original" not in by_method:
+    if "original" not in by_method or not set(ALTERNATIVES[1:]) & set(by_method):
         return ""
     methods = [m for m in METHODS if m in by_method]
     seeds = sorted(set.intersection(*(set(by_method[m]) for m in methods)))

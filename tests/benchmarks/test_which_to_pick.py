@@ -28,4 +28,5 @@ def test_a_cell_pairs_methods_on_common_seeds_against_plain_and_the_best_alterna
     assert ", 3 / 0 | +0.00 [" in lines["RIFLE (default)"] and lines["RIFLE (default)"].endswith(", 1 / 1 | 100 |")
     assert "RIFLE (paper)" not in lines and lines["Freeze-unfreeze"].endswith("| – |")
     assert which.comparison_table("digits", "l2sp", runs) == ""
+    assert which.comparison_table("digits", "l2", [r for r in runs if r["method"] in ("original", "rifle")]) == ""
     assert which.compact([1, 2, 3, 5, 7, 8]) == "1–3, 5, 7–8"
