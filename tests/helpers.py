@@ -16,6 +16,7 @@ from transformers import (
     ResNetForImageClassification,
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
+    TrainerCallback,
 )
 
 NUM_LABELS = 4
@@ -159,6 +160,17 @@ def tiny_run_settings(output_dir, **overrides) -> dict:
         dataloader_num_workers=0,
     )
     return {**settings, **overrides}
+
+
+class StopAt(TrainerCallback):
+    """Simulates a pre-empted job: training stops right after `step` (and its checkpoint, if one is due)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
 
 
 FIT_CLASSES, FIT_FEATURES, FIT_BATCH = 4, 48, 16

@@ -24,7 +24,7 @@ from hf_rifle.paper.diagnostics import (
     weight_distance_from_pretrained,
 )
 
-from ..helpers import RandomImages, native_resnet, timm_wrapper_resnet
+from ..helpers import RandomImages, StopAt, native_resnet, timm_wrapper_resnet
 
 FAST = dict(report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
 WRAPPER_PROBES = [f"timm_model.layer{k}.0.conv2" for k in range(1, 5)]
@@ -123,16 +123,6 @@ def test_gradient_norms_are_logged_once_per_epoch_per_layer_and_equal_the_froben
     assert grad_norm_entries(saved) == entries
 
 
-class StopAfterStep(TrainerCallback):
-    """A pre-empted job: training stops right after `step` (and its checkpoint)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = control.should_training_stop or state.global_step == self.step
-
-
 def test_gradient_norms_survive_a_resume_mid_epoch(tmp_path):
     def trainer(output_dir, *callbacks, **overrides):
         args = rifle_a_config(output_dir, num_train_epochs=3, num_periods=3, **overrides)
@@ -144,7 +134,7 @@ def test_gradient_norms_survive_a_resume_mid_epoch(tmp_path):
     uninterrupted = trainer(tmp_path / "uninterrupted")
     uninterrupted.train()
     checkpoints = dict(save_strategy="steps", save_steps=6)
-    interrupted = trainer(tmp_path / "split", StopAfterStep(6), **checkpoints)  # 4 steps per epoch: mid-epoch 1
+    interrupted = trainer(tmp_path / "split", StopAt(6), **checkpoints)  # 4 steps per epoch: mid-epoch 1
     interrupted.train()
     assert [e["grad_norm_steps"] for e in grad_norm_entries(interrupted.state.log_history)] == [4, 2]
     resumed = trainer(tmp_path / "split", **checkpoints)

@@ -18,7 +18,7 @@ from hf_rifle.paper.freeze_then_unfreeze import frozen_steps
 from hf_rifle.paper.linear_probe import PROBE_C_GRID, PROBE_MAX_ITER, fit_linear_probe, head_inputs, linear_layer_of
 from hf_rifle.recipe import main
 
-from ..helpers import recipe_flags, save_timm_hub_folder
+from ..helpers import StopAt, recipe_flags, save_timm_hub_folder
 
 CLASSES = ("red", "blue")  # 8 training images per class, batch 4: 4 optimizer steps per epoch
 
@@ -212,15 +212,6 @@ def test_a_resumed_head_first_run_ends_on_the_uninterrupted_weights(colour_runs,
     assert [key for key in full if not torch.equal(full[key], resumed[key])] == []
     history = json.loads((tmp_path / "split" / "trainer_state.json").read_text())["log_history"]
     assert sum("linear_probe_C" in entry for entry in history) == (method == "lp_ft")
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_head_first_settings_are_checked_and_recorded():

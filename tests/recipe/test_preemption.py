@@ -20,8 +20,7 @@ from hf_rifle.checkpoints import checkpoint_problems
 from hf_rifle.recipe import main
 from hf_rifle.recipe import train as recipe_train
 
-from ..helpers import RandomImages, timm_wrapper_resnet
-from .test_reliability import StopAt
+from ..helpers import RandomImages, StopAt, timm_wrapper_resnet
 from .test_reliability import flags as reliability_flags
 
 FINAL_OUTPUTS = ("model.safetensors", "README.md", "all_results.json", "learning_curve.png")

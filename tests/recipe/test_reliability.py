@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from hf_rifle import RifleConfig, RifleTrainer
 from hf_rifle.recipe import main
 
-from ..helpers import RandomImages, recipe_flags, timm_wrapper_resnet
+from ..helpers import RandomImages, StopAt, recipe_flags, timm_wrapper_resnet
 
 
 def flags(output_dir, data_and_model, *extra):
@@ -39,17 +38,6 @@ def flags(output_dir, data_and_model, *extra):
         "always",
         *extra,
     )
-
-
-class StopAt(TrainerCallback):
-    """Simulates a pre-empted job: training stops right after `step` was checkpointed."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("memory_format", [[], ["--channels_last", "True"]], ids=["contiguous", "channels_last"])
