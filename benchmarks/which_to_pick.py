@@ -19,8 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-from hf_rifle.paper.diagnostics import mean_ci95
-from hf_rifle.paper.sweeps import METHOD_TITLES, REGULARIZER_TITLES
+from hf_rifle.paper.sweeps import METHOD_TITLES, REGULARIZER_TITLES, paired_difference
 
 ALTERNATIVES = ("original", "lp_ft", "freeze_then_unfreeze")
 METHODS = (*ALTERNATIVES, "rifle_fitted", "rifle")
@@ -81,8 +80,8 @@ def difference(accuracy: dict, method: str, baseline: str) -> str:
     """Paired difference in points, its 95% interval, seeds ahead / behind; '–' against itself."""
     if method == baseline:
         return "–"
+    mean, low, high = paired_difference(accuracy[method], accuracy[baseline])
     deltas = [accuracy[method][s] - accuracy[baseline][s] for s in accuracy[method]]
-    mean, low, high = mean_ci95(deltas)
     ahead, behind = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
     return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}], {ahead} / {behind}"
 

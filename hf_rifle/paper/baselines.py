@@ -24,7 +24,6 @@ from transformers import TrainerCallback
 from ..config import RifleConfig
 from ..heads import find_head
 from ..recipe import RecipeExtension
-from ..recipe.images import normalize_pixels
 from .freeze_then_unfreeze import FreezeThenUnfreeze
 from .linear_probe import probe_and_load_
 from .stages import residual_stages
@@ -418,12 +417,11 @@ def prepare_training_stages_(trainer, baseline_args: BaselineArguments, evaluati
 
 
 def _normalized_batches(trainer, dataset):
-    """(model inputs, labels) of `dataset` in evaluation batches, normalized on the device as the recipe's trainer
-    does for every batch it feeds the model."""
+    """(model inputs, labels) of `dataset` in evaluation batches, prepared by the recipe's trainer as for every batch
+    it feeds the model (moved to the device and normalized there)."""
     for batch in trainer.get_eval_dataloader(dataset):
-        pixels = batch["pixel_values"].to(trainer.args.device)
-        pixels = normalize_pixels(pixels, trainer.pixel_mean, trainer.pixel_std, channels_last=trainer.channels_last)
-        yield {"pixel_values": pixels}, batch["labels"]
+        inputs = trainer._prepare_inputs(batch)
+        yield {"pixel_values": inputs["pixel_values"]}, inputs["labels"]
 
 
 class RecordAtTrainBegin(TrainerCallback):

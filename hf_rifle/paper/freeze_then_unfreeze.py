@@ -44,7 +44,8 @@ def scale_body_learning_rates_(optimizer, scheduler, ratio: float) -> None:
             group["initial_lr"] *= ratio
         if scheduler is not None:
             scheduler.base_lrs[index] *= ratio
-            scheduler._last_lr = [g["lr"] for g in groups]
+    if scheduler is not None:
+        scheduler._last_lr = [group["lr"] for group in groups]
 
 
 class FreezeThenUnfreeze(TrainerCallback):
