@@ -14,6 +14,7 @@ import sys
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from .accumulation import loss_ignores_items_in_batch, trainer_skips_accumulation_division
 from .attach import RifleHandle, attach
 from .config import (
     DEFAULT_REINIT_WHEN,
@@ -44,8 +45,8 @@ NO_WEIGHT_DECAY_WARNING = (
 )
 ACCUMULATION_WARNING = (
     "gradient_accumulation_steps={steps} with {model}: plain Trainer does not divide this model's loss by the "
-    "accumulation steps (it takes **kwargs, so Trainer assumes the loss uses num_items_in_batch, which image "
-    "classifiers ignore), so each update is {steps}x that of one large batch. Use RifleTrainer, which divides, or "
+    "accumulation steps (it takes **kwargs, so Trainer assumes the loss uses num_items_in_batch, which this "
+    "model's loss ignores), so each update is {steps}x that of one large batch. Use RifleTrainer, which divides, or "
     "divide the learning rate by {steps}."
 )
 
@@ -217,7 +218,8 @@ class RifleTrainerCallback(TrainerCallback):
         # RifleTrainer (recognized by its head groups) divides by the accumulation steps itself.
         if (
             args.gradient_accumulation_steps > 1
-            and _loss_ignores_items_in_batch(model)
+            and trainer_skips_accumulation_division(model)
+            and loss_ignores_items_in_batch(model)
             and not _has_head_groups(optimizer)
         ):
             warnings.append(
@@ -237,11 +239,6 @@ def add_to_training_log_(state, logs: dict, values: dict) -> None:
 
 def _has_head_groups(optimizer) -> bool:
     return optimizer is not None and any(group.get(HEAD_GROUP_KEY) for group in optimizer.param_groups)
-
-
-def _loss_ignores_items_in_batch(model) -> bool:
-    """A transformers image classifier that plain Trainer believes normalizes its loss by `num_items_in_batch`."""
-    return getattr(model, "main_input_name", None) == "pixel_values" and getattr(model, "accepts_loss_kwargs", True)
 
 
 def run_before_reporting_callbacks(callback: TrainerCallback) -> None:

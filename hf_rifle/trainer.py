@@ -15,10 +15,8 @@ With several processes, every rank stops at the same optimizer step when the los
 (one all-reduce per step), and only the processes that write the output folder move checkpoint folders.
 """
 
-import inspect
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -27,7 +25,8 @@ import torch.distributed as dist
 from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback, _loss_ignores_items_in_batch
+from .accumulation import loss_ignores_items_in_batch
+from .callback import SHARDED_TRAINING_REFUSED, RifleTrainerCallback
 from .card import PLOT_FILE, classification_task, plot_learning_curve, render_model_card
 from .checkpoints import (
     STAGING_DIR,
@@ -45,29 +44,6 @@ from .optim import HEAD_GROUP_KEY, attach_cyclic_head_schedule_, isolate_head_pa
 from .preemption import PreemptionCallback, parse_signals
 from .regularizers import split_backbone_and_head
 from .schedule import position_in_period, reinit_steps
-
-# transformers' loss functions sum and divide by `num_items_in_batch` when a forward passes its **kwargs on to them.
-LOSS_FUNCTION_GETS_KWARGS = re.compile(r"loss_function\((?:[^()]|\([^()]*\))*\*\*kwargs")
-
-
-def loss_ignores_items_in_batch(model) -> bool:
-    """Whether `model`'s loss is a per-batch mean that ignores `num_items_in_batch`, although Trainer, seeing a
-    forward with **kwargs, passes it and then skips its own division by the accumulation steps.
-
-    True for transformers' image classifiers and for a forward whose source neither names `num_items_in_batch` nor
-    passes **kwargs to `self.loss_function` (BertForSequenceClassification's `CrossEntropyLoss()`, the generic
-    `...ForSequenceClassification` heads); False where the loss uses it (causal LMs, Zamba2's classifier), or where
-    the source cannot be read (Trainer's own judgement then stands).
-    """
-    if callable(getattr(model, "get_base_model", None)):  # a PEFT model: its base model's forward computes the loss
-        model = model.get_base_model()
-    if _loss_ignores_items_in_batch(model):
-        return True
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return False
-    return "num_items_in_batch" not in source and not LOSS_FUNCTION_GETS_KWARGS.search(source)
 
 
 def non_finite_losses_by_rank(value: float | None, device) -> dict[int, float]:

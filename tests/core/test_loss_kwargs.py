@@ -1,13 +1,16 @@
 """RifleTrainer divides the loss by the gradient-accumulation steps only for models whose loss ignores
 `num_items_in_batch`; a text classifier whose loss uses it keeps transformers' normalization (by the items of the
-whole optimizer step), as on a plain Trainer."""
+whole optimizer step), as on a plain Trainer. On a plain Trainer, the callback warns where Trainer doubles the
+update."""
+
+import logging
 
 import torch
 from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from hf_rifle import RifleConfig, RifleTrainer, RifleTrainerCallback
-from hf_rifle.trainer import loss_ignores_items_in_batch
+from hf_rifle.accumulation import loss_ignores_items_in_batch
 
 from ..helpers import timm_wrapper_resnet, tiny_bert_config, tiny_run_settings, token_dataset
 
@@ -40,6 +43,31 @@ def test_which_models_get_the_division_by_accumulation_steps():
     assert loss_ignores_items_in_batch(timm_wrapper_resnet())  # image classifier
     assert loss_ignores_items_in_batch(text_classifier())  # BERT's CrossEntropyLoss(): a per-batch mean
     assert not loss_ignores_items_in_batch(text_classifier(ItemNormalizedTextClassifier))
+
+
+class SelfDividingTextClassifier(BertForSequenceClassification):
+    """A per-batch-mean loss, but the model tells Trainer so: Trainer divides by the accumulation steps itself."""
+
+    accepts_loss_kwargs = False
+
+
+def test_the_callback_on_plain_trainer_warns_where_accumulation_doubles_the_update(tmp_path, caplog):
+    def warned(cls):
+        trainer = Trainer(
+            model=text_classifier(cls),
+            args=TrainingArguments(**settings(tmp_path / cls.__name__, gradient_accumulation_steps=2, max_steps=2)),
+            train_dataset=token_dataset(size=8),
+            callbacks=[RifleTrainerCallback(**METHOD)],
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_rifle"):
+            trainer.train()
+        return [r.getMessage() for r in caplog.records if "gradient_accumulation_steps=2" in r.getMessage()]
+
+    (message,) = warned(BertForSequenceClassification)
+    assert message.startswith("gradient_accumulation_steps=2 with BertForSequenceClassification: plain Trainer")
+    assert "Use RifleTrainer, which divides, or divide the learning rate by 2." in message
+    assert warned(ItemNormalizedTextClassifier) == [] and warned(SelfDividingTextClassifier) == []
 
 
 def test_a_text_classifier_whose_loss_takes_the_item_count_keeps_transformers_normalization(tmp_path):
