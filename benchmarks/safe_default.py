@@ -58,11 +58,16 @@ def reinits_from_run_folders(runs_dir: Path, sweep: str, regularizer: str, seeds
     return done, planned
 
 
-def summarize_cell(label: str, runs: list[dict], reinits: tuple[int, int] | None) -> dict:
+def by_method_and_seed(runs: list[dict]) -> tuple[dict, list[int]]:
+    """The runs by method and seed, and the seeds on which all three schedules ran (the cell's pairing)."""
     by_method = {}
     for run in runs:
         by_method.setdefault(run["method"], {})[run["seed"]] = run
-    seeds = sorted(set.intersection(*(set(by_method.get(m, {})) for m in SCHEDULES)))
+    return by_method, sorted(set.intersection(*(set(by_method.get(m, {})) for m in SCHEDULES)))
+
+
+def summarize_cell(label: str, runs: list[dict], reinits: tuple[int, int] | None) -> dict:
+    by_method, seeds = by_method_and_seed(runs)
     accuracy = {m: {s: by_method[m][s]["accuracy"] for s in seeds} for m in SCHEDULES}
     if reinits is None and seeds and "reinit_steps" in by_method["rifle_fitted"][seeds[0]]:  # timm's rows
         fitted = [by_method["rifle_fitted"][s] for s in seeds]
@@ -113,7 +118,7 @@ def main(argv=None) -> list[dict]:
         if not path.is_file():
             continue
         runs = cell_runs(path, setting, regularizer)
-        seeds = sorted(run["seed"] for run in runs if run["method"] == "rifle_fitted")
+        seeds = by_method_and_seed(runs)[1]  # the re-inits are counted on the seeds the table pairs
         reinits = None
         if setting is not None and args.runs_dir is not None:
             sweep = name.removeprefix("transfer-").removesuffix(".json").removesuffix("-judged")
