@@ -357,6 +357,22 @@ class ImageRifleTrainer(RifleTrainer):
     def __init__(self, *args, pixel_mean, pixel_std, channels_last: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.pixel_mean, self.pixel_std, self.channels_last = list(pixel_mean), list(pixel_std), channels_last
+        self._split_loaders = []  # (dataset, its evaluation loader) while workers persist
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """One evaluation loader per split. With persistent workers (the recipe's default on GPUs) transformers keeps
+        the loader of every dataset passed in under one key, so evaluating the test split after the validation split
+        would read the validation split again."""
+        if isinstance(eval_dataset, str) or not self.args.dataloader_persistent_workers:
+            return super().get_eval_dataloader(eval_dataset)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        for split, loader in self._split_loaders:
+            if split is dataset:
+                return loader
+        getattr(self, "_eval_dataloaders", {}).pop("eval", None)  # transformers' loader of another split
+        loader = super().get_eval_dataloader(dataset)
+        self._split_loaders.append((dataset, loader))
+        return loader
 
     def _prepare_inputs(self, inputs: dict) -> dict:
         inputs = super()._prepare_inputs(inputs)

@@ -308,10 +308,31 @@ def test_the_trainer_normalizes_uint8_batches_on_the_device_as_the_float_path(tm
     assert normalize_pixels(reference, MEAN, STD) is reference  # float batches pass through
 
 
-def RifleConfigLike(tmp_path):
+def RifleConfigLike(tmp_path, **overrides):
     from hf_rifle import RifleConfig
 
-    return RifleConfig(**tiny_run_settings(tmp_path))
+    return RifleConfig(**tiny_run_settings(tmp_path, **overrides))
+
+
+def test_each_split_is_evaluated_from_its_own_loader_when_workers_persist(tmp_path):
+    """Transformers keeps persistent-worker evaluation loaders under one key whatever the dataset: without a loader
+    per split, the test split evaluated after the validation split (the recipe's order, its default on GPUs) would
+    be the validation split again."""
+    splits = apply_transforms(digit_splits(), "image", "label", resize_size=16, crop_size=12, cache_root=tmp_path)
+    validation, test = splits["validation"], splits["train"]  # 4 and 12 images
+    trainer = ImageRifleTrainer(
+        model=native_resnet(),
+        args=RifleConfigLike(tmp_path, dataloader_num_workers=1, dataloader_persistent_workers=True),
+        pixel_mean=MEAN,
+        pixel_std=STD,
+        eval_dataset=validation,
+        data_collator=collate_fn,
+        compute_metrics=lambda predictions: {"images": len(predictions.label_ids)},
+    )
+    assert trainer.evaluate()["eval_images"] == 4
+    assert trainer.evaluate(test, metric_key_prefix="test")["test_images"] == 12
+    assert trainer.evaluate()["eval_images"] == 4
+    assert trainer.get_eval_dataloader() is trainer.get_eval_dataloader(validation)  # the workers still persist
 
 
 def test_cnns_are_told_from_vision_transformers():
