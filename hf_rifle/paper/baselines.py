@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, drop_path
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
+from ..checkpoints import decided_by_main_process
 from ..config import RifleConfig
 from ..heads import find_head
 from ..recipe import RecipeExtension
-from .freeze_then_unfreeze import FreezeThenUnfreeze
+from .freeze_then_unfreeze import FreezeThenUnfreeze, check_one_device
 from .linear_probe import probe_and_load_
 from .stages import residual_stages
 
@@ -404,6 +406,8 @@ def prepare_training_stages_(trainer, baseline_args: BaselineArguments, evaluati
     """The head-first methods on a built recipe trainer: LP-FT's probe loaded into the head (not when resuming: the
     checkpoint holds the head), and freeze-then-unfreeze's callback."""
     head_module = trainer.args.head_module
+    if baseline_args.linear_probe_head or baseline_args.frozen_epochs:
+        decided_by_main_process(lambda: _check_one_process(trainer.args, baseline_args))  # every rank refuses at once
     if baseline_args.linear_probe_head and not resuming:
         probe = probe_and_load_(
             trainer.model,
@@ -416,10 +420,29 @@ def prepare_training_stages_(trainer, baseline_args: BaselineArguments, evaluati
         trainer.add_callback(FreezeThenUnfreeze(baseline_args.frozen_epochs, baseline_args.body_lr_ratio, head_module))
 
 
+def _check_one_process(args, baseline_args: BaselineArguments) -> None:
+    if baseline_args.linear_probe_head and args.world_size > 1:
+        raise ValueError(
+            "lp_ft fits its linear probe in one process: run it without torchrun/accelerate launch (one GPU or CPU)."
+        )
+    if baseline_args.frozen_epochs:
+        check_one_device(args)
+
+
 def _normalized_batches(trainer, dataset):
-    """(model inputs, labels) of `dataset` in evaluation batches, prepared by the recipe's trainer as for every batch
-    it feeds the model (moved to the device and normalized there)."""
-    for batch in trainer.get_eval_dataloader(dataset):
+    """(model inputs, labels) of the whole of `dataset` in evaluation batches, prepared by the recipe's trainer as for
+    every batch it feeds the model (moved to the device and normalized there). The loader is a plain one of its own:
+    Trainer's evaluation loaders are sharded across processes, and with persistent workers kept under one key for
+    every dataset passed in."""
+    args = trainer.args
+    loader = DataLoader(
+        dataset,
+        batch_size=args.eval_batch_size,
+        collate_fn=trainer.data_collator,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=args.dataloader_pin_memory,
+    )
+    for batch in loader:
         inputs = trainer._prepare_inputs(batch)
         yield {"pixel_values": inputs["pixel_values"]}, inputs["labels"]
 

@@ -2,12 +2,14 @@
 layer, the body at a much lower learning rate than the head.
 
 fastai's defaults: one frozen epoch, then the body at 1/100 of the head's learning rate (`lr_mult=100`, from a
-`slice(base_lr / lr_mult, base_lr)` over its body and head groups). Adapted to the runs it is compared with here:
-the run's SGD and its one cosine schedule over all epochs set the head's learning rate, and the body's is that
-times `body_lr_ratio` (0.01) throughout; fastai's Adam, its two one-cycle schedules (restarted at the unfreeze)
-and its halving of the base rate at the unfreeze are not taken over. While frozen, the body's parameters take no
-gradient and its BatchNorm layers keep their running statistics (fastai trains BatchNorm in a frozen body, its
-`train_bn=True`), so the body is bit for bit the pretrained one until the unfreeze.
+`slice(base_lr / lr_mult, base_lr)` spread over its parameter groups: body and head for a timm model such as the one
+benchmarked here; fastai's own ResNets split the body in two, at 1/100 and 1/10). Adapted to the runs it is compared
+with here: the run's SGD and its one cosine schedule over all epochs set the head's learning rate, and the body's is
+that times `body_lr_ratio` (0.01) throughout; fastai's Adam, its two one-cycle schedules (restarted at the unfreeze)
+and its halving of the base rate at the unfreeze are not taken over, and the frozen epoch is the first of the run's
+epochs (fastai's `fine_tune(epochs)` trains one more). While frozen, the body's parameters take no gradient and its
+BatchNorm layers keep their running statistics (fastai trains BatchNorm in a frozen body, its `train_bn=True`), so
+the body is bit for bit the pretrained one until the unfreeze.
 """
 
 import math
@@ -22,9 +24,21 @@ from ..regularizers import split_backbone_and_head
 BODY_LR_RATIO_KEY = "body_lr_ratio"  # marks body param groups already scaled, in the optimizer's saved state
 
 
-def frozen_steps(max_steps: int, num_train_epochs: float, frozen_epochs: float) -> int:
-    """Optimizer steps of the frozen phase: the first `frozen_epochs` of `num_train_epochs`, rounded up."""
-    return math.ceil(max_steps * frozen_epochs / num_train_epochs)
+def frozen_steps(num_batches: int, gradient_accumulation_steps: int, frozen_epochs: int) -> int:
+    """Optimizer steps of the frozen phase: `frozen_epochs` epochs of `num_batches` batches, counted as Trainer counts
+    an epoch's optimizer steps (a last, partial accumulation is a step), whether the run is set in epochs or steps."""
+    return frozen_epochs * max(math.ceil(num_batches / gradient_accumulation_steps), 1)
+
+
+def check_one_device(args) -> None:
+    """Refuse several processes or devices: DDP cannot follow a body that starts taking gradients mid-run, and
+    DataParallel's replicas would update the frozen body's BatchNorm statistics."""
+    if args.world_size > 1 or args.n_gpu > 1:
+        raise ValueError(
+            "freeze_then_unfreeze runs on one process and one device: DDP cannot follow a body that starts taking "
+            "gradients mid-run, and DataParallel's replicas would update the frozen body's BatchNorm statistics. "
+            "Run it without torchrun/accelerate launch, on one GPU (e.g. CUDA_VISIBLE_DEVICES=0)."
+        )
 
 
 def scale_body_learning_rates_(optimizer, scheduler, ratio: float) -> None:
@@ -51,18 +65,23 @@ def scale_body_learning_rates_(optimizer, scheduler, ratio: float) -> None:
 class FreezeThenUnfreeze(TrainerCallback):
     """Freezes the body for the first `frozen_epochs` (no gradient, BatchNorm statistics kept), then trains it at
     `body_lr_ratio` times the head's learning rate. Decided from the optimizer step, so a resumed run freezes or
-    not as the uninterrupted one did. One process only: DDP cannot follow parameters that start taking gradients
-    mid-run."""
+    not as the uninterrupted one did. One process on one device only: DDP cannot follow parameters that start taking
+    gradients mid-run, and DataParallel's replicas would move the frozen BatchNorm statistics."""
 
     def __init__(self, frozen_epochs: float = 1, body_lr_ratio: float = 0.01, head_module: str | None = None):
         self.frozen_epochs, self.body_lr_ratio, self.head_module = frozen_epochs, body_lr_ratio, head_module
         self._body_params, self._body_norms, self._frozen_until, self._frozen, self._hook = [], [], 0, False, None
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        if args.world_size > 1 and self.frozen_epochs > 0:
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, lr_scheduler=None, train_dataloader=None, **kwargs
+    ):
+        if self.frozen_epochs > 0:
+            check_one_device(args)
+        self._frozen_until = frozen_steps(len(train_dataloader), args.gradient_accumulation_steps, self.frozen_epochs)
+        if self.frozen_epochs and self._frozen_until >= state.max_steps:
             raise ValueError(
-                "freeze_then_unfreeze runs on one process: DDP cannot follow a body that starts taking gradients "
-                "mid-run. Run it without torchrun/accelerate launch."
+                f"frozen_epochs={self.frozen_epochs} freezes the body for {self._frozen_until} optimizer steps, but "
+                f"the run has {state.max_steps}: the body would never train. Lower --frozen_epochs or train longer."
             )
         _, head = find_head(model, self.head_module)
         self._body_params = split_backbone_and_head(model, head)[0]
@@ -75,7 +94,6 @@ class FreezeThenUnfreeze(TrainerCallback):
             and module not in head_modules
         ]
         self._hook = model.register_forward_pre_hook(self._keep_frozen_norms_in_eval_mode)
-        self._frozen_until = frozen_steps(state.max_steps, args.num_train_epochs, self.frozen_epochs)
         if self.body_lr_ratio != 1.0:
             scale_body_learning_rates_(optimizer, lr_scheduler, self.body_lr_ratio)
         self._set_frozen(state.global_step < self._frozen_until)

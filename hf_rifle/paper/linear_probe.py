@@ -68,11 +68,11 @@ def fit_linear_probe(
 
     train_features = np.asarray(train_features, dtype=np.float64)
     validation_features = np.asarray(validation_features, dtype=np.float64)
+    if num_classes < 2:
+        raise ValueError(f"A linear probe needs a head with at least two classes; this one has {num_classes}.")
     missing = sorted(set(range(num_classes)) - set(np.unique(train_labels).tolist()))
-    if missing or num_classes < 2:
-        raise ValueError(
-            f"A linear probe needs training images of every class (at least two); classes {missing} have none."
-        )
+    if missing:
+        raise ValueError(f"A linear probe needs training images of every class; classes {missing} have none.")
     # Centring needs a bias to fold into; a head without one gets the probe on scaled features only.
     mean, std = train_features.mean() if fit_intercept else 0.0, train_features.std() or 1.0
     standardized_train, standardized_validation = (train_features - mean) / std, (validation_features - mean) / std
@@ -110,11 +110,11 @@ def linear_layer_of(head: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def head_inputs(model: nn.Module, head: nn.Module, batches) -> tuple[np.ndarray, np.ndarray]:
-    """The features the head receives, flattened, and the labels, for every batch of (inputs, labels), the
+def layer_inputs(model: nn.Module, layer: nn.Module, batches) -> tuple[np.ndarray, np.ndarray]:
+    """The features `layer` receives, flattened, and the labels, for every batch of (inputs, labels), the
     model in eval mode (its mode is restored after)."""
     captured = []
-    hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].flatten(1).float().cpu()))
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.append(args[0].flatten(1).float().cpu()))
     was_training = model.training
     model.eval()
     labels = []
@@ -145,10 +145,10 @@ def load_linear_probe_(model: nn.Module, probe: LinearProbe, head_module: str | 
 def probe_and_load_(model: nn.Module, train_batches, validation_batches, head_module: str | None = None) -> LinearProbe:
     """LP-FT's first stage on `model`: features of both splits, the probe fit on them, loaded into the head."""
     start = time.perf_counter()
-    head = find_head(model, head_module)[1]
-    linear = linear_layer_of(head)
-    train_features, train_labels = head_inputs(model, head, train_batches)
-    validation_features, validation_labels = head_inputs(model, head, validation_batches)
+    linear = linear_layer_of(find_head(model, head_module)[1])
+    # The linear layer's own input: a head may normalize or project before it (BatchNorm + Linear)
+    train_features, train_labels = layer_inputs(model, linear, train_batches)
+    validation_features, validation_labels = layer_inputs(model, linear, validation_batches)
     probe = fit_linear_probe(
         train_features,
         train_labels,

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,21 +396,23 @@ def resume_point(output_dir: str, record: dict) -> str | None:
 
 
 @contextmanager
-def no_empty_output_dir_left_on_error(output_dir: str):
-    """`Trainer` creates `output_dir` when it is built: an error before anything was written removes it again."""
+def no_empty_output_dir_left_on_error(output_dir: str, main_process: bool):
+    """`Trainer` creates `output_dir` when it is built: an error before anything was written removes it again, on the
+    main process only (another rank's removal could race the main process's first write into it)."""
     folder = Path(output_dir)
     existed = folder.exists()
     try:
         yield
     except BaseException:
-        if not existed and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        if main_process and not existed and folder.is_dir() and not any(folder.iterdir()):
+            with suppress(OSError):  # another rank wrote into it meanwhile: it stays
+                folder.rmdir()
         raise
 
 
 class RecordRunConfig(TrainerCallback):
-    """Writes `rifle_config.json` once every setting has been checked (after the RIFLE callback's own
-    checks at train begin), so a bad argument leaves no output folder behind and a resume can compare."""
+    """Writes `rifle_config.json` once every setting has been checked (it is the trainer's last callback, after the
+    checks of the others at train begin), so a bad argument leaves no output folder behind and a resume can compare."""
 
     def __init__(self, record: dict):
         self.record = record
@@ -454,7 +456,7 @@ def main(
         preemption.install()
         callbacks = [*(callbacks or []), preemption]
     try:
-        with no_empty_output_dir_left_on_error(args.output_dir):
+        with no_empty_output_dir_left_on_error(args.output_dir, main_process=args.process_index == 0):
             metrics = train_evaluate_save(run, extensions, record, last_checkpoint, callbacks, preemption)
     finally:
         if preemption:
@@ -553,11 +555,11 @@ def train_evaluate_save(
     trainer.add_callback(SetEpochCallback(train_dataset))
     if skipped_log is not None:
         trainer.add_callback(SkippedImagesCallback(skipped_log))
-    trainer.add_callback(RecordRunConfig(record))
     evaluation_inputs = {**inputs, "train": inputs["train"].center_cropped(data_args.crop_size)}
     for extension in extensions:
         if extension.prepare_trainer:
             extension.prepare_trainer(trainer, run.extensions[extension.name], evaluation_inputs, bool(last_checkpoint))
+    trainer.add_callback(RecordRunConfig(record))  # last: after every callback's checks at train begin
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     # 4. Evaluate on validation, and on the held-out test split when the dataset has one

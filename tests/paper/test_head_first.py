@@ -9,13 +9,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
+from torch import nn
 from transformers import TrainerCallback
 
 from hf_rifle import find_head
 from hf_rifle.optim import HEAD_GROUP_KEY
 from hf_rifle.paper.baselines import BASELINES, BaselineArguments, method_flags
 from hf_rifle.paper.freeze_then_unfreeze import frozen_steps
-from hf_rifle.paper.linear_probe import PROBE_C_GRID, PROBE_MAX_ITER, fit_linear_probe, head_inputs, linear_layer_of
+from hf_rifle.paper.linear_probe import (
+    PROBE_C_GRID,
+    PROBE_MAX_ITER,
+    fit_linear_probe,
+    layer_inputs,
+    linear_layer_of,
+    probe_and_load_,
+)
 from hf_rifle.recipe import main
 
 from ..helpers import StopAt, recipe_flags, save_timm_hub_folder
@@ -144,6 +152,35 @@ def test_a_binary_probe_is_a_two_output_head_with_the_same_decisions():
         fit_linear_probe(features, labels, features, labels, num_classes=3)
 
 
+def test_a_head_that_normalizes_before_its_linear_layer_gets_the_probe_of_what_that_layer_sees():
+    """LeViT-like head, BatchNorm then Linear: the probe is fit on the linear layer's input, so the loaded head
+    classifies the training split as the probe did (fit on the head's input, its BatchNorm's negative scale would
+    turn every decision around)."""
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(6, 8)
+            self.head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    model = Classifier()
+    with torch.no_grad():
+        model.head[0].weight.fill_(-2.0)
+        model.head[0].running_mean.fill_(1.0)
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(3), 20)
+    inputs = torch.as_tensor(rng.normal(size=(3, 6))[labels] * 3 + rng.normal(size=(60, 6)), dtype=torch.float32)
+    batches = [({"x": inputs}, torch.as_tensor(labels))]
+    probe = probe_and_load_(model, batches, batches, head_module="head")
+    with torch.no_grad():
+        accuracy = (model.eval()(inputs).argmax(1).numpy() == labels).mean()
+    assert accuracy == probe.train_accuracy > 0.9
+
+
 @pytest.mark.slow  # two recipe runs
 def test_lp_ft_fine_tunes_from_the_probe_head_which_classifies_the_training_split(colour_runs, tmp_path):
     snapshots = Snapshots()
@@ -163,8 +200,8 @@ def test_lp_ft_fine_tunes_from_the_probe_head_which_classifies_the_training_spli
     accuracy = {}
     for label, snapshot in (("probe", snapshots.at_start), ("random", plain.at_start)):
         model.load_state_dict(snapshot)
-        features, labels = head_inputs(model, head, colour_runs.batches("train", tmp_path / "lp_ft"))
         linear = linear_layer_of(head)
+        features, labels = layer_inputs(model, linear, colour_runs.batches("train", tmp_path / "lp_ft"))
         logits = features @ linear.weight.detach().numpy().T + linear.bias.detach().numpy()
         accuracy[label] = np.mean(logits.argmax(1) == labels)
     assert accuracy["probe"] == probe["linear_probe_train_accuracy"] > 0.5 >= accuracy["random"] - 0.125
@@ -191,12 +228,29 @@ def test_freeze_then_unfreeze_keeps_the_body_bit_for_bit_through_epoch_one_then_
     assert any(n.endswith("weight") and "bn" not in n for n in moved)
     assert any(n.endswith("running_mean") for n in moved)
 
-    steps_per_epoch = frozen_steps(12, 3, 1)
+    steps_per_epoch = frozen_steps(num_batches=4, gradient_accumulation_steps=1, frozen_epochs=1)
     for step, head_rates, body_rates in snapshots.rates:
         assert len(set(head_rates)) == 1 and len(set(body_rates)) == 1
         if head_rates[0] > 0:
             assert body_rates[0] == pytest.approx(0.01 * head_rates[0], rel=1e-12), step
     assert len(snapshots.rates) == 3 * steps_per_epoch == 12
+
+
+def test_a_run_set_in_steps_freezes_the_body_for_its_first_epoch_of_steps(colour_runs, tmp_path):
+    """6 steps of 4 per epoch: frozen for 4 (not the first third of the run), then trained; a run too short to
+    unfreeze is refused before its first step."""
+    snapshots = Snapshots()
+    flags = colour_runs.flags(tmp_path / "steps", "freeze_then_unfreeze", "--max_steps", "6")
+    main(flags, callbacks=[snapshots], extensions=[BASELINES])
+    name, _ = find_head(snapshots.model)
+    body_names = {n for n in snapshots.at_start if not n.startswith(name + ".")}
+    assert differs(snapshots.after_epoch[0], snapshots.at_start, body_names) == []
+    assert differs(snapshots.after_epoch[1], snapshots.after_epoch[0], body_names)
+    assert len(snapshots.rates) == 6
+    too_short = colour_runs.flags(tmp_path / "short", "freeze_then_unfreeze", "--max_steps", "4")
+    with pytest.raises(ValueError, match=r"frozen_epochs=1 freezes the body for 4 optimizer steps, but the run has 4"):
+        main(too_short, extensions=[BASELINES])
+    assert not (tmp_path / "short").exists()  # refused before anything was written: a corrected rerun starts clean
 
 
 @pytest.mark.slow  # three recipe runs each
@@ -219,5 +273,6 @@ def test_head_first_settings_are_checked_and_recorded():
     for bad in ({"frozen_epochs": -1}, {"body_lr_ratio": 0.0}, {"body_lr_ratio": float("nan")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             BaselineArguments(**bad)
-    assert frozen_steps(max_steps=40 * 4, num_train_epochs=40, frozen_epochs=1) == 4
-    assert frozen_steps(max_steps=10, num_train_epochs=3, frozen_epochs=1) == 4  # a partial step counts whole
+    assert frozen_steps(num_batches=8, gradient_accumulation_steps=2, frozen_epochs=1) == 4
+    assert frozen_steps(num_batches=9, gradient_accumulation_steps=2, frozen_epochs=2) == 10  # a partial step counts
+    assert frozen_steps(num_batches=1, gradient_accumulation_steps=4, frozen_epochs=1) == 1

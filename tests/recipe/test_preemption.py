@@ -212,14 +212,14 @@ def test_a_run_stopped_before_its_schedule_says_so_in_card_and_summary(
     assert f"fine-tuning stopped early, after optimizer step {step} of 18 ({reason})." in capsys.readouterr().out
 
 
-def run_worker(argv: list[str], processes: int = 1) -> subprocess.Popen:
+def run_worker(argv: list[str], processes: int = 1, worker: Path = WORKER) -> subprocess.Popen:
     """The recipe in a subprocess, as a job runs it: plain python, or torchrun with `processes` (gloo on CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return subprocess.Popen(
-        [*launcher, str(WORKER), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*launcher, str(worker), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
