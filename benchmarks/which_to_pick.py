@@ -25,7 +25,7 @@ ALTERNATIVES = ("original", "lp_ft", "freeze_then_unfreeze")
 METHODS = (*ALTERNATIVES, "rifle_fitted", "rifle")
 TITLES = {**METHOD_TITLES, "original": "plain", "rifle_fitted": "RIFLE (default)", "rifle": "RIFLE (paper)"}
 RESULT_FILES = {  # domain -> transfer.py result file, setting inside it
-    "digits": ("benchmarks/results/transfer-sklearn-10-56px-40ep.json", "sklearn-10"),
+    "digits": ("benchmarks/results/transfer-sklearn-10-56px-40ep-alternatives.json", "sklearn-10"),
     "MNIST": ("benchmarks/results/transfer-mnist-10-56px-40ep-judged.json", "mnist-10"),
     "Animal-MNIST": ("benchmarks/results/transfer-animal-10-56px-40ep.json", "animal-10"),
 }
